@@ -1,0 +1,234 @@
+"""Saving and loading LoRA adapters as safetensors files.
+
+An adapter file holds only the LoRA matrices A and B (plus any fully trained modules such as a
+new classification head): for one task, r·(in + out) numbers per adapted layer instead of a
+copy of the whole model. safetensors stores raw tensor bytes and a JSON header, so loading a file
+never runs code (unlike ``torch.load`` on a pickle).
+
+The header's metadata records what the adapter needs to be applied correctly: the adapted layers
+with their rank, alpha and scaling; the shapes of every base parameter (the architecture); a
+SHA-256 fingerprint of the base weights; and a checksum of the adapter's own bytes, so a file
+that was truncated or corrupted, or saved for another base model, is refused with a clear
+message and leaves the model untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .lora import LinearWithLoRA, _matches, lora_layers, lora_scaling, mark_only_lora_as_trainable
+
+FORMAT = "lora_course.adapter"
+VERSION = 1
+
+
+class AdapterError(ValueError):
+    """An adapter file cannot be applied to this model (wrong model, wrong shapes, bad file)."""
+
+
+# --------------------------------------------------------------------------------------------
+# What belongs to the base model, what to the adapter
+# --------------------------------------------------------------------------------------------
+def _is_lora_key(key: str) -> bool:
+    return ".lora." in key or key.startswith("lora.")
+
+
+def _base_name(key: str) -> str:
+    """State-dict key as the unwrapped model would name it: 'x.W_query.linear.weight' -> 'x.W_query.weight'."""
+    return key.replace(".linear.", ".") if ".linear." in key else key.removeprefix("linear.")
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors (everything but LoRA's A and B), under their unwrapped names."""
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise AdapterError("the model has merged LoRA layers, so its weights are not the base weights; "
+                           "call unmerge_lora_(model) first")
+    return {_base_name(k): v for k, v in model.state_dict().items() if not _is_lora_key(k)}
+
+
+def _sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
+    """SHA-256 over the base weights, leaving out modules the adapter itself replaces."""
+    exclude = list(exclude)
+    state = base_state(model)
+    return _sha256({k: v for k, v in state.items() if not _matches(k.rpartition(".")[0], exclude)})
+
+
+def lora_state_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Only the adapter's tensors: every LoRA A and B, plus the parameters of ``modules_to_save``."""
+    modules_to_save = list(modules_to_save)
+    state = {}
+    for key, value in model.state_dict().items():
+        owner = _base_name(key).rpartition(".")[0]
+        if _is_lora_key(key) or (modules_to_save and _matches(owner, modules_to_save)):
+            state[key] = value.detach().clone()
+    if not any(_is_lora_key(k) for k in state):
+        raise AdapterError("the model has no LoRA layers, so there is no adapter to save; "
+                           "add them with replace_linear_with_lora(model, rank, alpha)")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
+def adapter_metadata(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict:
+    modules_to_save = list(modules_to_save)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": {name: {"rank": layer.lora.rank, "alpha": layer.lora.alpha, "scaling": layer.lora.scaling_name,
+                          "in_features": layer.in_features, "out_features": layer.out_features}
+                   for name, layer in lora_layers(model)},
+        "modules_to_save": modules_to_save,
+        "base_parameter_shapes": {k: list(v.shape) for k, v in base_state(model).items()},
+        "base_weights_sha256": base_fingerprint(model, exclude=modules_to_save),
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, modules_to_save: Iterable[str] = ()) -> dict:
+    """Write the adapter of ``model`` to ``path`` (a .safetensors file). Returns its metadata.
+
+    ``modules_to_save`` names fully trained modules (e.g. ``["out_head"]``) whose weights must
+    travel with the adapter: without them a reloaded classifier gets a random head.
+    """
+    modules_to_save = list(modules_to_save)
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model, modules_to_save).items()}
+    meta = adapter_metadata(model, modules_to_save)
+    meta["tensors_sha256"] = _sha256(tensors)
+    save_file(tensors, str(path), metadata={"lora_course": json.dumps(meta)})
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and verify an adapter file: returns (tensors, metadata). Raises AdapterError if the
+    file is truncated, corrupted or not a lora_course adapter. Nothing is unpickled."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"cannot read {path!r}: the file is truncated or is not a safetensors file "
+                           f"({exc}). Save the adapter again with save_adapter(model, path).") from None
+    if "lora_course" not in header:
+        raise AdapterError(f"{path!r} is a safetensors file but not a lora_course adapter (no 'lora_course' "
+                           "metadata). A PEFT adapter folder is read with lora_course.peft_bridge instead.")
+    try:
+        meta = json.loads(header["lora_course"])
+    except json.JSONDecodeError:
+        raise AdapterError(f"{path!r}: the adapter metadata is corrupted (not valid JSON)") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise AdapterError(f"{path!r}: unsupported adapter format {meta.get('format')!r} version "
+                           f"{meta.get('version')!r}; this lora_course reads {FORMAT!r} version {VERSION}")
+    if _sha256(tensors) != meta.get("tensors_sha256"):
+        raise AdapterError(f"{path!r}: the tensor data does not match its checksum, so the file is corrupted. "
+                           "Save the adapter again.")
+    return tensors, meta
+
+
+def _check_architecture(model: nn.Module, meta: dict, path: str) -> None:
+    saved = meta["base_parameter_shapes"]
+    current = {k: list(v.shape) for k, v in base_state(model).items()}
+    for key in sorted(set(saved) | set(current)):
+        if key not in current:
+            raise AdapterError(f"{path!r} was saved for a different architecture: its base model has "
+                               f"{key!r} {tuple(saved[key])}, this model has no such parameter")
+        if key not in saved:
+            raise AdapterError(f"{path!r} was saved for a different architecture: this model has "
+                               f"{key!r} {tuple(current[key])}, the adapter's base model did not")
+        if saved[key] != current[key]:
+            raise AdapterError(f"{path!r} was saved for a different architecture: {key!r} has shape "
+                               f"{tuple(saved[key])} in the adapter's base model but {tuple(current[key])} here")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False,
+                 check_base_weights: bool = True) -> dict:
+    """Apply an adapter file to ``model`` (in place) and return its metadata.
+
+    If the model has no LoRA layers yet, they are added as recorded in the file. Every check runs
+    before anything is changed, so a refused file leaves the model exactly as it was.
+
+    ``trainable=False`` (the default, like PEFT's ``from_pretrained``) freezes every parameter, for
+    inference; ``trainable=True`` leaves the adapter (and its saved modules) trainable, to go on
+    training. ``check_base_weights=False`` skips the base-weight fingerprint (not the shapes).
+    """
+    path = os.fspath(path)
+    tensors, meta = read_adapter(path)
+    _check_architecture(model, meta, path)
+    modules_to_save = meta["modules_to_save"]
+    if check_base_weights and base_fingerprint(model, exclude=modules_to_save) != meta["base_weights_sha256"]:
+        raise AdapterError(f"{path!r} was saved for different base weights (same architecture, other values): "
+                           "its base-weight fingerprint does not match this model. Load it into the base model "
+                           "it was trained on, or pass check_base_weights=False if you really mean to.")
+
+    # Which LoRA layers the model has now, and which the file needs.
+    present = {name: layer.lora.rank for name, layer in lora_layers(model)}
+    wanted = {name: spec["rank"] for name, spec in meta["layers"].items()}
+    if present and present != wanted:
+        diff = sorted(set(present.items()) ^ set(wanted.items()))[:3]
+        raise AdapterError(f"{path!r} adapts other layers or ranks than the LoRA layers this model has "
+                           f"(first differences as (layer, rank): {diff}). Call remove_lora(model) first, "
+                           "or load it into a fresh base model.")
+
+    # Every tensor must have a home of the right shape (computed before any change).
+    expected = {}
+    for name, spec in meta["layers"].items():
+        prefix = name + "."
+        expected[prefix + "lora.A"] = [spec["in_features"], spec["rank"]]
+        expected[prefix + "lora.B"] = [spec["rank"], spec["out_features"]]
+    model_state = model.state_dict()
+    for key, value in tensors.items():
+        if key in expected:
+            shape = expected[key]
+        elif _base_name(key) in meta["base_parameter_shapes"] and key in model_state:
+            shape = list(model_state[key].shape)
+        else:
+            raise AdapterError(f"{path!r}: tensor {key!r} has no place in this model")
+        if list(value.shape) != shape:
+            raise AdapterError(f"{path!r}: tensor {key!r} has shape {tuple(value.shape)} in the file "
+                               f"but {tuple(shape)} in the model")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise AdapterError(f"{path!r} is incomplete: it has no tensor {missing[0]!r}")
+
+    # All checks passed: now change the model.
+    for name, spec in meta["layers"].items():
+        module = model.get_submodule(name)
+        if not isinstance(module, LinearWithLoRA):
+            parent, _, child = name.rpartition(".")
+            module = LinearWithLoRA(module, spec["rank"], spec["alpha"], scaling=spec["scaling"])
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        else:
+            module.lora.alpha, module.lora.scaling_name = spec["alpha"], spec["scaling"]
+            module.lora.scaling = lora_scaling(spec["rank"], spec["alpha"], spec["scaling"])
+    with torch.no_grad():
+        state = model.state_dict()
+        for key, value in tensors.items():
+            state[key].copy_(value)
+    if trainable:
+        mark_only_lora_as_trainable(model, modules_to_save)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return meta
+

@@ -1,0 +1,201 @@
+"""LoRA layers and model surgery, checked against dense references computed with plain PyTorch."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lora_course import (LinearWithLoRA, LoRALayer, expected_lora_parameters, lora_disabled, lora_layers,
+                         lora_parameter_count, lora_scaling, mark_only_lora_as_trainable, merge_and_unload,
+                         merge_lora_, remove_lora, replace_linear_with_lora, total_parameters,
+                         trainable_parameters, trainable_parameters_summary, unmerge_lora_)
+
+
+def randomized(layer: LinearWithLoRA, seed: int = 0) -> LinearWithLoRA:
+    """Give B non-zero values, so that the LoRA branch actually contributes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g))
+    return layer
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.GELU()), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("scaling", ["alpha/rank", "alpha", "alpha/sqrt(rank)"])
+def test_equals_dense_linear_with_merged_weight(scaling):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 7)
+    layer = randomized(LinearWithLoRA(base, rank=3, alpha=5, scaling=scaling))
+    s = {"alpha/rank": 5 / 3, "alpha": 5.0, "alpha/sqrt(rank)": 5 / math.sqrt(3)}[scaling]
+    x = torch.randn(4, 5, 12)
+    # Reference: a plain nn.Linear whose weight is W + s·(A·B)ᵀ, built by hand.
+    reference = F.linear(x, base.weight + s * (layer.lora.A @ layer.lora.B).T, base.bias)
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-6)
+    assert layer.lora.scaling == pytest.approx(s)
+
+
+def test_gradients_match_autograd_on_dense_formula():
+    torch.manual_seed(1)
+    base = nn.Linear(6, 5)
+    layer = randomized(LinearWithLoRA(base, rank=2, alpha=4))
+    x = torch.randn(10, 6)
+    target = torch.randn(10, 5)
+    F.mse_loss(layer(x), target).backward()
+    # Same computation written densely with fresh leaf tensors.
+    A = layer.lora.A.detach().clone().requires_grad_()
+    B = layer.lora.B.detach().clone().requires_grad_()
+    F.mse_loss(x @ (base.weight.detach() + 2.0 * (A @ B).T).T + base.bias.detach(), target).backward()
+    torch.testing.assert_close(layer.lora.A.grad, A.grad)
+    torch.testing.assert_close(layer.lora.B.grad, B.grad)
+
+
+def test_step_zero_is_identity_and_only_b_gets_gradient():
+    torch.manual_seed(2)
+    base = nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    expected = base(x).detach()
+    layer = LinearWithLoRA(base, rank=2, alpha=2)
+    out = layer(x)
+    assert torch.equal(out, expected)  # B = 0: bit-for-bit the base layer
+    out.sum().backward()
+    assert torch.count_nonzero(layer.lora.A.grad) == 0  # dL/dA ∝ Bᵀ = 0
+    assert torch.count_nonzero(layer.lora.B.grad) > 0
+
+
+def test_a_init_matches_nn_linear_default_range():
+    torch.manual_seed(3)
+    layer = LoRALayer(400, 300, rank=8, alpha=8)
+    bound = 1 / math.sqrt(400)
+    assert layer.A.abs().max() <= bound
+    assert layer.A.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(layer.B) == 0
+
+
+def test_scaling_alpha_over_rank_is_default():
+    assert lora_scaling(8, 16) == 2.0
+    assert lora_scaling(8, 16, "alpha") == 16.0
+    assert lora_scaling(16, 8, "alpha/sqrt(rank)") == 2.0
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.0, "4", True, None])
+def test_bad_rank(rank):
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LinearWithLoRA(nn.Linear(4, 4), rank, 1)
+
+
+def test_rank_larger_than_layer():
+    with pytest.raises(ValueError, match=r"rank 5 is larger than min\(in_features, out_features\)"):
+        LinearWithLoRA(nn.Linear(8, 4), 5, 1)
+
+
+@pytest.mark.parametrize("alpha", [0, -1, float("nan"), float("inf"), "8", None])
+def test_bad_alpha(alpha):
+    with pytest.raises(ValueError, match="alpha must be a finite positive number"):
+        LinearWithLoRA(nn.Linear(4, 4), 2, alpha)
+
+
+def test_bad_scaling_name():
+    with pytest.raises(ValueError, match="unknown scaling"):
+        LinearWithLoRA(nn.Linear(4, 4), 2, 2, scaling="alpha*rank")
+
+
+def test_non_linear_is_refused():
+    with pytest.raises(TypeError, match="wraps torch.nn.Linear layers only, got Conv1d"):
+        LinearWithLoRA(nn.Conv1d(4, 4, 3), 2, 2)
+    with pytest.raises(ValueError, match="already has a LoRA branch"):
+        LinearWithLoRA(LinearWithLoRA(nn.Linear(4, 4), 2, 2), 2, 2)
+
+
+def test_replace_wraps_every_linear_once_and_is_rerunnable():
+    model = mlp()
+    first = replace_linear_with_lora(model, rank=2, alpha=4)
+    assert first.wrapped == ["0", "2.0", "3"]
+    second = replace_linear_with_lora(model, rank=2, alpha=4)  # re-running a notebook cell
+    assert second.wrapped == [] and second.already_wrapped == ["0", "2.0", "3"]
+    assert sum(1 for _ in lora_layers(model)) == 3
+    assert not any(isinstance(m.linear, LinearWithLoRA) for _, m in lora_layers(model))
+
+
+def test_replace_targets_and_excludes_by_name():
+    model = mlp()
+    report = replace_linear_with_lora(model, 2, 2, target_modules=["2.0", "3"], exclude_modules=["3"])
+    assert report.wrapped == ["2.0"] and report.excluded == ["3"]
+    model = mlp()  # a suffix matches at any depth, as in PEFT: "0" is both "0" and "2.0"
+    assert replace_linear_with_lora(model, 2, 2, target_modules=["0"]).wrapped == ["0", "2.0"]
+    model = mlp()
+    assert replace_linear_with_lora(model, 2, 2, target_modules=r"2\..*").wrapped == ["2.0"]
+
+
+def test_replace_unknown_target_lists_available_names():
+    with pytest.raises(ValueError, match=r"matched no nn.Linear layer.*Its Linear layers are: 0, 2.0, 3"):
+        replace_linear_with_lora(mlp(), 2, 2, target_modules=["W_query"])
+
+
+def test_freezing_and_counts_match_closed_form():
+    model = mlp()
+    total_before = total_parameters(model)
+    replace_linear_with_lora(model, rank=2, alpha=2)
+    trainable = mark_only_lora_as_trainable(model)
+    closed_form = lora_parameter_count(8, 16, 2) + lora_parameter_count(16, 16, 2) + lora_parameter_count(16, 4, 2)
+    assert trainable == trainable_parameters(model) == expected_lora_parameters(model) == closed_form == 152
+    assert total_parameters(model) == total_before + closed_form
+    assert trainable_parameters_summary(model).startswith("trainable params: 152 || all params: ")
+    # A new head can stay fully trainable.
+    trainable = mark_only_lora_as_trainable(model, modules_to_save=["3"])
+    assert trainable == 152 + 16 * 4 + 4  # + the head's weight and bias (its LoRA is already counted)
+    with pytest.raises(ValueError, match="no module named 'head'"):
+        mark_only_lora_as_trainable(model, modules_to_save=["head"])
+
+
+def test_merge_unmerge_and_merge_twice():
+    model = mlp()
+    replace_linear_with_lora(model, 2, 2)
+    for i, (_, layer) in enumerate(lora_layers(model)):
+        randomized(layer, seed=i)
+    x = torch.randn(32, 8)
+    unmerged = model(x)
+    assert merge_lora_(model) == 3
+    merge_lora_(model)  # harmless: already merged layers are left alone
+    torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
+    unmerge_lora_(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
+    plain = merge_and_unload(model)
+    assert not list(lora_layers(plain))
+    torch.testing.assert_close(plain(x), unmerged, rtol=0, atol=1e-5)
+
+
+def test_disable_and_remove_recover_base_exactly():
+    model = mlp()
+    x = torch.randn(5, 8)
+    base_out = model(x).detach()
+    replace_linear_with_lora(model, 2, 2)
+    for _, layer in lora_layers(model):
+        randomized(layer)
+    assert not torch.equal(model(x), base_out)
+    with lora_disabled(model):
+        assert torch.equal(model(x), base_out)
+    assert not torch.equal(model(x), base_out)
+    assert torch.equal(remove_lora(model)(x), base_out)
+
+
+def test_nothing_to_merge():
+    with pytest.raises(ValueError, match="cannot merge: the model has no LoRA layers"):
+        merge_lora_(mlp())
+
+
+def test_training_leaves_base_weights_bit_for_bit():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    replace_linear_with_lora(model, 2, 2)
+    mark_only_lora_as_trainable(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        opt.step()
+    after = remove_lora(model).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
