@@ -246,6 +246,7 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, scali
     lora_scaling(rank, alpha, scaling)  # validates the name early
     report = LoRAReport()
     candidates = _linear_names(model)
+    to_wrap = []
     for name in candidates:
         if not name:
             raise TypeError("the model itself is a single nn.Linear: wrap it directly with LinearWithLoRA(model, rank, alpha)")
@@ -254,13 +255,21 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, scali
             continue
         if _matches(name, exclude_modules):
             report.excluded.append(name)
-            continue
-        if isinstance(module, LinearWithLoRA):
+        elif isinstance(module, LinearWithLoRA):
             report.already_wrapped.append(name)
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=dropout))
+        elif rank > min(module.in_features, module.out_features):
+            # Checked for every layer before any is wrapped, so an error leaves the model as it was.
+            raise ValueError(
+                f"rank {rank} is larger than layer {name!r} allows ({module.in_features} -> "
+                f"{module.out_features}, so at most rank {min(module.in_features, module.out_features)}). "
+                f"Leave it out with exclude_modules=[{name.rsplit('.', 1)[-1]!r}] (a new classification "
+                "head can stay fully trainable via mark_only_lora_as_trainable(model, modules_to_save=...)), "
+                "or use a smaller rank."
+            )
+        else:
+            to_wrap.append((name, module))
+    for name, module in to_wrap:
+        _set_submodule(model, name, LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=dropout))
         report.wrapped.append(name)
     if target_modules is not None and not report.wrapped and not report.already_wrapped:
         raise ValueError(

@@ -199,3 +199,13 @@ def test_training_leaves_base_weights_bit_for_bit():
         opt.step()
     after = remove_lora(model).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rank_too_large_for_one_layer_names_it_and_changes_nothing():
+    model = mlp()  # its last layer is 16 -> 4
+    with pytest.raises(ValueError, match=r"rank 8 is larger than layer '3' allows \(16 -> 4, so at most rank 4\)"
+                                         r".*exclude_modules=\['3'\]"):
+        replace_linear_with_lora(model, rank=8, alpha=8)
+    assert not list(lora_layers(model))  # nothing was wrapped before the error
+    report = replace_linear_with_lora(model, rank=8, alpha=8, exclude_modules=["3"])
+    assert report.wrapped == ["0", "2.0"] and report.excluded == ["3"]
