@@ -39,7 +39,8 @@ def make_classifier(base: nn.Module, num_classes: int = 2, seed: int = 123) -> n
     The base model itself is left untouched, so each run starts from the same weights."""
     model = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(seed)
-    head = nn.Linear(model.out_head.in_features, num_classes)
+    with torch.random.fork_rng(devices=[]):  # leave the global random state as it was
+        head = nn.Linear(model.out_head.in_features, num_classes)
     with torch.no_grad():  # nn.Linear's default init, drawn from our own generator
         bound = 1 / head.in_features ** 0.5
         head.weight.uniform_(-bound, bound, generator=generator)

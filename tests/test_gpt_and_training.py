@@ -105,3 +105,10 @@ def test_initial_lm_loss_is_near_uniform():
     from lora_course.training import language_model_loss
     loss = language_model_loss(model, ["thanks for the pizza , it was very tasty"])
     assert abs(loss - math.log(len(TOKENIZER))) < 0.5
+
+
+def test_make_classifier_leaves_global_random_state_alone():
+    base = GPTModel(CFG)
+    state = torch.get_rng_state()
+    make_classifier(base, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -1,0 +1,105 @@
+"""Training-memory accounting against tensors measured on real AdamW steps."""
+import pytest
+import torch
+from torch import nn
+
+from lora_course.data import TOKENIZER, classification_splits
+from lora_course.gpt import GPTConfig, GPTModel
+from lora_course.lora import mark_only_lora_as_trainable, replace_linear_with_lora
+from lora_course.memory import TrainingMemory, accounted_memory, measure_training_step
+from lora_course.training import make_classifier
+
+
+@pytest.fixture(scope="module")
+def train_split():
+    return classification_splits("spam", n_train=64, n_val=8, n_test=8)["train"]
+
+
+def small_classifier(dtype=torch.float32):
+    torch.manual_seed(0)
+    base = GPTModel(GPTConfig(vocab_size=len(TOKENIZER), context_length=24, emb_dim=16, n_heads=2, n_layers=1))
+    return make_classifier(base).to(dtype)
+
+
+def test_accounting_of_a_plain_linear_layer():
+    layer = nn.Linear(10, 5)  # 55 parameters, all trainable, float32
+    assert accounted_memory(layer) == TrainingMemory(weights=55 * 4, gradients=55 * 4, optimizer_states=110 * 4)
+    layer.bias.requires_grad_(False)  # 50 trainable
+    assert accounted_memory(layer) == TrainingMemory(weights=55 * 4, gradients=50 * 4, optimizer_states=100 * 4)
+    assert accounted_memory(layer.double()).weights == 55 * 8
+
+
+def test_accounting_rejects_mixed_dtypes():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
+    with pytest.raises(ValueError, match="mixes parameter dtypes"):
+        accounted_memory(model)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_measured_states_equal_the_tensors_torch_allocates(train_split, lora):
+    model = small_classifier()
+    if lora:
+        replace_linear_with_lora(model, 2, 2, exclude_modules=["out_head"])
+        mark_only_lora_as_trainable(model, modules_to_save=["out_head"])
+    measured = measure_training_step(model, train_split, batch_size=8)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Independent reference: sizes read off the parameters, and AdamW's own state after a step.
+    assert measured.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert measured.gradients == sum(p.numel() * 4 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    adam_bytes = sum(v.numel() * v.element_size() for s in optimizer.state.values()
+                     for k, v in s.items() if k != "step")
+    assert measured.optimizer_states == adam_bytes
+    # the closed form agrees with the measurement
+    assert accounted_memory(model).states == measured.states
+
+
+def test_measurement_leaves_the_model_unchanged(train_split):
+    model = small_classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measure_training_step(model, train_split, batch_size=8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_activations_grow_with_the_batch_and_states_do_not(train_split):
+    model = small_classifier()
+    small = measure_training_step(model, train_split, batch_size=8)
+    large = measure_training_step(model, train_split, batch_size=32)
+    assert small.activations > 0
+    assert 3.0 < large.activations / small.activations < 4.5  # ~4x the tokens, ~4x the activations
+    assert large.states == small.states
+
+
+def test_lora_saves_gradient_and_optimizer_memory(train_split):
+    full = measure_training_step(small_classifier(), train_split, batch_size=8)
+    model = small_classifier()
+    replace_linear_with_lora(model, 1, 1, exclude_modules=["out_head"])
+    mark_only_lora_as_trainable(model, modules_to_save=["out_head"])
+    lora = measure_training_step(model, train_split, batch_size=8)
+    assert lora.gradients < full.gradients / 5 and lora.optimizer_states < full.optimizer_states / 5
+    assert lora.weights > full.weights  # A and B are extra weights
+
+
+def test_float64_model_is_measured_in_eight_byte_values(train_split):
+    model = small_classifier(torch.float64)
+    measured = measure_training_step(model, train_split, batch_size=4)
+    assert measured.weights == 8 * sum(p.numel() for p in model.parameters())
+    assert accounted_memory(model).states == measured.states
+
+
+def test_measuring_a_frozen_model_is_refused(train_split):
+    model = small_classifier()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        measure_training_step(model, train_split)
+
+
+def test_training_memory_totals():
+    m = TrainingMemory(weights=1, gradients=2, optimizer_states=4, activations=8)
+    assert (m.states, m.total) == (7, 15)
+    assert m.as_mib()["total"] == pytest.approx(15 / 2 ** 20)
