@@ -7,9 +7,9 @@ never runs code (unlike ``torch.load`` on a pickle).
 
 The header's metadata records what the adapter needs to be applied correctly: the adapted layers
 with their rank, alpha and scaling; the shapes of every base parameter (the architecture); a
-SHA-256 fingerprint of the base weights; and a checksum of the adapter's own bytes, so a file
-that was truncated or corrupted, or saved for another base model, is refused with a clear
-message and leaves the model untouched.
+SHA-256 fingerprint of the base weights; and one SHA-256 checksum over the adapter's tensors and
+this metadata, so a file that was truncated, corrupted or edited by hand, or saved for another
+base model or architecture, is refused with a clear message and leaves the model untouched.
 """
 from __future__ import annotations
 
@@ -40,41 +40,71 @@ def _is_lora_key(key: str) -> bool:
     return ".lora." in key or key.startswith("lora.")
 
 
-def _base_name(key: str) -> str:
-    """State-dict key as the unwrapped model would name it: 'x.W_query.linear.weight' -> 'x.W_query.weight'."""
-    return key.replace(".linear.", ".") if ".linear." in key else key.removeprefix("linear.")
+def _base_name(key: str, wrappers: Iterable[str]) -> str:
+    """State-dict key as the unwrapped model would name it: 'x.W_query.linear.weight' -> 'x.W_query.weight'.
+
+    Only the ``.linear.`` that a LinearWithLoRA (named in ``wrappers``) inserts is removed, so a
+    model that has its own submodule called ``linear`` keeps its names."""
+    for wrapper in wrappers:
+        prefix = f"{wrapper}.linear." if wrapper else "linear."
+        if key.startswith(prefix):
+            return (f"{wrapper}." if wrapper else "") + key[len(prefix):]
+    return key
+
+
+def _wrapper_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in lora_layers(model)]
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's tensors (everything but LoRA's A and B), under their unwrapped names."""
     if any(layer.merged for _, layer in lora_layers(model)):
-        raise AdapterError("the model has merged LoRA layers, so its weights are not the base weights; "
-                           "call unmerge_lora_(model) first")
-    return {_base_name(k): v for k, v in model.state_dict().items() if not _is_lora_key(k)}
+        raise AdapterError("the model has merged LoRA layers, so its weights are not the base weights "
+                           "(W + ΔW is stored in them); call unmerge_lora_(model) first")
+    wrappers = _wrapper_names(model)
+    return {_base_name(k, wrappers): v for k, v in model.state_dict().items() if not _is_lora_key(k)}
 
 
-def _sha256(tensors: dict[str, torch.Tensor]) -> str:
+def _sha256(tensors: dict[str, torch.Tensor], extra: bytes = b"") -> str:
+    """SHA-256 over names, shapes, dtypes and raw bytes of the tensors (sorted by name), then ``extra``."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].detach().to("cpu").contiguous()
         digest.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-d tensor cannot be viewed as bytes directly.
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest.update(extra)
     return digest.hexdigest()
+
+
+def _metadata_bytes(meta: dict) -> bytes:
+    """The metadata in a canonical form (sorted keys), without the checksum it is covered by."""
+    return json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode()
+
+
+def _check_modules_to_save(model: nn.Module, modules_to_save: list[str]) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    for name in modules_to_save:
+        if not any(_matches(n, [name]) for n in names):
+            raise AdapterError(f"modules_to_save: no module named {name!r} in this model "
+                               f"(top-level modules: {', '.join(n for n in names if '.' not in n)})")
 
 
 def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
     """SHA-256 over the base weights, leaving out modules the adapter itself replaces."""
     exclude = list(exclude)
     state = base_state(model)
-    return _sha256({k: v for k, v in state.items() if not _matches(k.rpartition(".")[0], exclude)})
+    return _sha256({k: v for k, v in state.items() if not (exclude and _matches(k.rpartition(".")[0], exclude))})
 
 
 def lora_state_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Only the adapter's tensors: every LoRA A and B, plus the parameters of ``modules_to_save``."""
     modules_to_save = list(modules_to_save)
+    _check_modules_to_save(model, modules_to_save)
+    wrappers = _wrapper_names(model)
     state = {}
     for key, value in model.state_dict().items():
-        owner = _base_name(key).rpartition(".")[0]
+        owner = _base_name(key, wrappers).rpartition(".")[0]
         if _is_lora_key(key) or (modules_to_save and _matches(owner, modules_to_save)):
             state[key] = value.detach().clone()
     if not any(_is_lora_key(k) for k in state):
@@ -109,7 +139,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, modules_to_save: Ite
     modules_to_save = list(modules_to_save)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model, modules_to_save).items()}
     meta = adapter_metadata(model, modules_to_save)
-    meta["tensors_sha256"] = _sha256(tensors)
+    # One checksum covers the tensors *and* the metadata: a flipped byte in A or a hand-edited
+    # alpha would both change what the adapter computes, so both must be detected.
+    meta["sha256"] = _sha256(tensors, _metadata_bytes(meta))
     save_file(tensors, str(path), metadata={"lora_course": json.dumps(meta)})
     return meta
 
@@ -140,25 +172,44 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise AdapterError(f"{path!r}: unsupported adapter format {meta.get('format')!r} version "
                            f"{meta.get('version')!r}; this lora_course reads {FORMAT!r} version {VERSION}")
-    if _sha256(tensors) != meta.get("tensors_sha256"):
-        raise AdapterError(f"{path!r}: the tensor data does not match its checksum, so the file is corrupted. "
-                           "Save the adapter again.")
+    if _sha256(tensors, _metadata_bytes(meta)) != meta.get("sha256"):
+        raise AdapterError(f"{path!r}: the tensors or metadata do not match the file's checksum, so the file "
+                           "is corrupted (or was edited by hand). Save the adapter again.")
     return tensors, meta
+
+
+def inspect_adapter(path: str | os.PathLike) -> list[dict]:
+    """One row per tensor of a (verified) adapter file: key, shape, number of values and L2 norm.
+
+    Use it right after saving: an adapter whose file has no LoRA tensors, or whose B matrices
+    are all zero (never trained), shows up here at once."""
+    tensors, _ = read_adapter(path)
+    return [{"key": k, "shape": tuple(v.shape), "numel": v.numel(), "norm": v.float().norm().item()}
+            for k, v in sorted(tensors.items())]
 
 
 def _check_architecture(model: nn.Module, meta: dict, path: str) -> None:
     saved = meta["base_parameter_shapes"]
     current = {k: list(v.shape) for k, v in base_state(model).items()}
+
+    def hint(key: str) -> str:
+        module = key.rpartition(".")[0]
+        if meta["modules_to_save"] and _matches(module, meta["modules_to_save"]):
+            return (f". {module!r} is a module the adapter brings along (modules_to_save): build the model the "
+                    "adapter was trained on first, e.g. make_classifier(base) for a 2-class head")
+        return ""
+
     for key in sorted(set(saved) | set(current)):
         if key not in current:
             raise AdapterError(f"{path!r} was saved for a different architecture: its base model has "
-                               f"{key!r} {tuple(saved[key])}, this model has no such parameter")
+                               f"{key!r} {tuple(saved[key])}, this model has no such parameter{hint(key)}")
         if key not in saved:
             raise AdapterError(f"{path!r} was saved for a different architecture: this model has "
-                               f"{key!r} {tuple(current[key])}, the adapter's base model did not")
+                               f"{key!r} {tuple(current[key])}, the adapter's base model did not{hint(key)}")
         if saved[key] != current[key]:
             raise AdapterError(f"{path!r} was saved for a different architecture: {key!r} has shape "
-                               f"{tuple(saved[key])} in the adapter's base model but {tuple(current[key])} here")
+                               f"{tuple(saved[key])} in the adapter's base model but {tuple(current[key])} "
+                               f"here{hint(key)}")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False,
@@ -200,7 +251,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
     for key, value in tensors.items():
         if key in expected:
             shape = expected[key]
-        elif _base_name(key) in meta["base_parameter_shapes"] and key in model_state:
+        elif _base_name(key, meta["layers"]) in meta["base_parameter_shapes"] and key in model_state:
             shape = list(model_state[key].shape)
         else:
             raise AdapterError(f"{path!r}: tensor {key!r} has no place in this model")
@@ -210,6 +261,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise AdapterError(f"{path!r} is incomplete: it has no tensor {missing[0]!r}")
+    for name in meta["layers"]:
+        module = model.get_submodule(name)
+        if not isinstance(module, (nn.Linear, LinearWithLoRA)):
+            raise AdapterError(f"{path!r} adapts {name!r}, which is a {type(module).__name__} in this model, "
+                               "not an nn.Linear")
 
     # All checks passed: now change the model.
     for name, spec in meta["layers"].items():

@@ -1,0 +1,298 @@
+"""The bridge to Hugging Face PEFT: write a lora_course adapter in PEFT's format, and read one back.
+
+PEFT (``peft.tuners.lora.Linear``) stores the same two matrices as this course, transposed,
+because it keeps them as ``nn.Linear`` layers (weight = out × in):
+
+    course                          PEFT (on disk, adapter name stripped)
+    A: (in, r)                      base_model.model.<layer>.lora_A.weight: (r, in)   = Aᵀ
+    B: (r, out)                     base_model.model.<layer>.lora_B.weight: (out, r)  = Bᵀ
+    s = alpha / r                   lora_alpha / r                       (lora_alpha = alpha)
+    s = alpha / sqrt(r)             lora_alpha / sqrt(r), use_rslora     (lora_alpha = alpha)
+    s = alpha  (raw, no PEFT flag)  lora_alpha / r with lora_alpha = alpha · r
+    modules_to_save (a new head)    base_model.model.<module>.weight / .bias
+
+so both compute h = W x + s · Bᵀ(Aᵀ x) = x Wᵀ + s · x A B. An adapter folder holds
+``adapter_config.json`` (a ``LoraConfig``) and ``adapter_model.safetensors``; ``PeftModel.from_pretrained``
+reads it. This module writes and reads that format without importing ``peft``, so the tests can
+check it against the real package independently.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters import AdapterError, _check_modules_to_save
+from .lora import LinearWithLoRA, _matches, lora_layers, lora_scaling, mark_only_lora_as_trainable
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel wraps a LoraModel, which wraps the user's model
+
+#: lora_course → PEFT, for the table in notebook 09.
+EQUIVALENTS = [
+    ("replace_linear_with_lora(model, r, alpha, target_modules=...)",
+     "get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=...))"),
+    ("mark_only_lora_as_trainable(model, modules_to_save=[...])", "LoraConfig(modules_to_save=[...])"),
+    ("print_trainable_parameters(model)", "peft_model.print_trainable_parameters()"),
+    ("merge_lora_(model) / unmerge_lora_(model)", "peft_model.merge_adapter() / peft_model.unmerge_adapter()"),
+    ("merge_and_unload(model)", "model = peft_model.merge_and_unload()"),
+    ("remove_lora(model)", "model = peft_model.unload()"),
+    ("with lora_disabled(model):", "with peft_model.disable_adapter():"),
+    ("save_adapter(model, path, modules_to_save=[...])", "peft_model.save_pretrained(folder)"),
+    ("load_adapter(model, path, trainable=False)", "PeftModel.from_pretrained(model, folder, is_trainable=False)"),
+    ("lora_state_dict(model)", "get_peft_model_state_dict(peft_model)"),
+    ("export_peft_adapter(model, folder, modules_to_save=[...])", "peft_model.save_pretrained(folder)"),
+    ("import_peft_adapter(model, folder)", "PeftModel.from_pretrained(model, folder)"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling conventions
+# --------------------------------------------------------------------------------------------
+def peft_alpha(rank: int, alpha: float, scaling: str) -> tuple[float, bool]:
+    """(lora_alpha, use_rslora) that give PEFT the same factor s as the course's convention."""
+    lora_scaling(rank, alpha, scaling)  # validates
+    if scaling == "alpha/rank":
+        return alpha, False
+    if scaling == "alpha/sqrt(rank)":
+        return alpha, True
+    return alpha * rank, False  # raw alpha: s = alpha = (alpha·r) / r
+
+
+# --------------------------------------------------------------------------------------------
+# Export: lora_course -> PEFT
+# --------------------------------------------------------------------------------------------
+def peft_state_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The model's adapter under PEFT's on-disk key names (lora_A = Aᵀ, lora_B = Bᵀ), plus the
+    parameters of ``modules_to_save``. Load it into a PeftModel with ``set_peft_model_state_dict``."""
+    modules_to_save = list(modules_to_save)
+    _check_modules_to_save(model, modules_to_save)
+    layers = list(lora_layers(model))
+    if not layers:
+        raise AdapterError("the model has no LoRA layers, so there is no adapter to export; "
+                           "add them with replace_linear_with_lora(model, rank, alpha)")
+    if any(layer.merged for _, layer in layers):
+        raise AdapterError("the model's LoRA layers are merged: unmerge_lora_(model) before exporting")
+    state = {}
+    for name, layer in layers:
+        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora.A.detach().T.contiguous().clone()  # (r, in)
+        state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora.B.detach().T.contiguous().clone()  # (out, r)
+    for name, module in model.named_modules():
+        if name and _matches(name, modules_to_save):
+            for pname, p in module.named_parameters():
+                state[f"{PREFIX}{name}.{pname}"] = p.detach().contiguous().clone()
+    return state
+
+
+def peft_config_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict:
+    """A ``LoraConfig`` (as the dict PEFT writes to adapter_config.json) describing the model's LoRA layers.
+
+    ``target_modules`` lists the adapted layers by full name. The first layer sets ``r`` and
+    ``lora_alpha``; layers that differ get ``rank_pattern`` / ``alpha_pattern`` entries."""
+    layers = list(lora_layers(model))
+    if not layers:
+        raise AdapterError("the model has no LoRA layers, so there is no adapter to export")
+    conventions = {layer.lora.scaling_name for _, layer in layers}
+    use_rslora = conventions == {"alpha/sqrt(rank)"}
+    specs = {}
+    for name, layer in layers:
+        lora = layer.lora
+        if use_rslora or len(conventions) == 1:
+            alpha, _ = peft_alpha(lora.rank, lora.alpha, lora.scaling_name)
+        else:  # mixed conventions: give each layer the lora_alpha that makes lora_alpha / r = s
+            alpha = lora.scaling * lora.rank
+        specs[name] = (lora.rank, alpha)
+    dropouts = {layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0 for _, layer in layers}
+    if len(dropouts) > 1:
+        raise AdapterError(f"PEFT has one lora_dropout per adapter, but the layers use {sorted(dropouts)}")
+    first_rank, first_alpha = next(iter(specs.values()))
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": first_rank,
+        "lora_alpha": first_alpha,
+        "lora_dropout": dropouts.pop(),
+        "use_rslora": use_rslora,
+        "target_modules": [name for name, _ in layers],
+        "exclude_modules": None,
+        "modules_to_save": list(modules_to_save) or None,
+        # PEFT matches these keys as regexes against the end of a module name; "^" pins the full name.
+        "rank_pattern": {"^" + re.escape(n): r for n, (r, _) in specs.items() if r != first_rank},
+        "alpha_pattern": {"^" + re.escape(n): a for n, (_, a) in specs.items() if a != first_alpha},
+        "bias": "none",
+        "lora_bias": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, modules_to_save: Iterable[str] = ()) -> Path:
+    """Write the model's adapter as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
+
+    ``modules_to_save`` names fully trained modules (e.g. ``["out_head"]``): PEFT restores them
+    from the file, which is the only way a new classification head survives the trip."""
+    modules_to_save = list(modules_to_save)
+    state = peft_state_dict(model, modules_to_save)
+    config = peft_config_dict(model, modules_to_save)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "written_by": "lora_course.peft_bridge"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Import: PEFT -> lora_course
+# --------------------------------------------------------------------------------------------
+# LoraConfig options that change what the adapter computes in ways the course's layer does not
+# implement. Importing such an adapter would silently compute something else, so we refuse.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "bias": ("none", None),
+    "fan_in_fan_out": (False, None),
+    "layer_replication": (None,),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+}
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the end of the name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a PEFT LoRA adapter folder: returns (config dict, tensors). Raises AdapterError with a
+    clear message if the folder is not a LoRA adapter, is unreadable, or uses an option the course
+    does not implement (DoRA, bias training, Conv1D layout, ...)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.exists() or not weights_path.exists():
+        raise FileNotFoundError(f"{str(folder)!r} is not a PEFT adapter folder: it needs {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME} (the .bin format is not read: it is a pickle)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{str(config_path)!r} is not valid JSON ({exc})") from None
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{str(folder)!r} holds a {config.get('peft_type')!r} adapter; only LORA is supported")
+    for option, allowed in _UNSUPPORTED.items():
+        if config.get(option, allowed[0]) not in allowed:
+            raise AdapterError(f"{str(folder)!r} uses {option}={config[option]!r}, which lora_course's "
+                               f"LinearWithLoRA does not implement; it supports {option}={allowed[0]!r} only")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"cannot read {str(weights_path)!r}: truncated or not a safetensors file ({exc})") from None
+    return config, tensors
+
+
+def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainable: bool = False) -> dict:
+    """Apply a PEFT LoRA adapter folder to a lora_course model (in place); returns the config.
+
+    The adapted layers are read from the file's keys; each gets a ``LinearWithLoRA`` with
+    A = lora_Aᵀ, B = lora_Bᵀ and PEFT's scaling (``alpha/rank``, or ``alpha/sqrt(rank)`` with
+    ``use_rslora``). ``modules_to_save`` tensors (a head) are copied into the model. Every check
+    runs before the model is changed, so a refused adapter leaves it as it was. Like PEFT, the
+    result is frozen unless ``trainable=True``.
+    """
+    config, tensors = read_peft_adapter(folder)
+    where = str(folder)
+    layers: dict[str, dict] = {}
+    saved: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterError(f"{where!r}: tensor {key!r} does not start with {PREFIX!r}, so it is not in PEFT's format")
+        name = key[len(PREFIX):]
+        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        if match:
+            layers.setdefault(match.group(1), {})[match.group(2)] = value
+        elif "lora_" in name:
+            raise AdapterError(f"{where!r}: {key!r} is a kind of LoRA tensor lora_course does not support "
+                               "(only Linear layers: lora_A.weight and lora_B.weight)")
+        else:
+            saved[name] = value
+    if not layers:
+        raise AdapterError(f"{where!r} has no lora_A / lora_B tensors: the adapter is empty")
+
+    # Check every layer before touching the model.
+    present = {name: layer.lora.rank for name, layer in lora_layers(model)}
+    plan = {}
+    for name, pair in sorted(layers.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{where!r}: layer {name!r} has lora_{'A' if 'B' in pair else 'B'} but not the other")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"{where!r} adapts {name!r}, which this model does not have "
+                               "(an adapter for a different architecture)") from None
+        if not isinstance(module, (nn.Linear, LinearWithLoRA)):
+            raise AdapterError(f"{where!r} adapts {name!r}, a {type(module).__name__} here, not an nn.Linear")
+        a, b = pair["A"], pair["B"]  # (r, in), (out, r)
+        rank = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != rank or (a.shape[1], b.shape[0]) != (module.in_features, module.out_features):
+            raise AdapterError(f"{where!r}: layer {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                               f"which do not fit an nn.Linear({module.in_features}, {module.out_features})")
+        expected_rank = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+        if rank != expected_rank:
+            raise AdapterError(f"{where!r}: layer {name!r} has rank {rank} in the weights but {expected_rank} in the config")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        if isinstance(module, LinearWithLoRA) and module.lora.rank != rank:
+            raise AdapterError(f"{where!r}: layer {name!r} already has LoRA of rank {module.lora.rank}, the adapter "
+                               f"has rank {rank}. Call remove_lora(model) first.")
+        plan[name] = (rank, alpha)
+    if present and set(present) != set(plan):
+        raise AdapterError(f"{where!r} adapts other layers than the LoRA layers this model has; "
+                           "call remove_lora(model) first, or load it into a fresh model")
+    model_state = model.state_dict()
+    for key, value in saved.items():
+        target = key
+        if key not in model_state:
+            raise AdapterError(f"{where!r}: tensor {key!r} (modules_to_save) has no place in this model")
+        if model_state[target].shape != value.shape:
+            raise AdapterError(f"{where!r}: {key!r} has shape {tuple(value.shape)} in the adapter but "
+                               f"{tuple(model_state[target].shape)} in this model (build the model with the same head)")
+
+    # All checks passed: change the model.
+    scaling = "alpha/sqrt(rank)" if config.get("use_rslora") else "alpha/rank"
+    dropout = float(config.get("lora_dropout") or 0.0)
+    with torch.no_grad():
+        for name, (rank, alpha) in plan.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, LinearWithLoRA):
+                module = LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=dropout)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module)
+            else:
+                module.lora.alpha, module.lora.scaling_name = alpha, scaling
+                module.lora.scaling = lora_scaling(rank, alpha, scaling)
+            module.lora.A.copy_(layers[name]["A"].T)
+            module.lora.B.copy_(layers[name]["B"].T)
+        state = model.state_dict()
+        for key, value in saved.items():
+            state[key].copy_(value)
+    if trainable:
+        mark_only_lora_as_trainable(model, config.get("modules_to_save") or ())
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return config
+
