@@ -92,3 +92,226 @@ def check_lora_layer(cls) -> CheckResult:
             return CheckResult(name, INCORRECT, "the forward pass is x @ A @ B times the wrong factor", [hint])
     return CheckResult(name, INCORRECT, "forward(x) does not equal (alpha / rank) * (x @ A @ B)",
                        ["check the order of the products: x @ A first, then @ B"])
+
+
+def _call(name: str, fn, *args):
+    """Run the learner's function. Returns (value, None) or (None, CheckResult) for placeholders
+    (NotImplementedError, ``...``, ``None``) and for code that raised."""
+    if fn is None or fn is Ellipsis:
+        return None, _not_done(name)
+    try:
+        value = fn(*args)
+    except NotImplementedError:
+        return None, _not_done(name)
+    except Exception as exc:  # the learner's code failed: say what with
+        shown = ", ".join(f"shape {tuple(a.shape)}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
+        return None, CheckResult(name, INCORRECT, f"calling it with ({shown}) raised {type(exc).__name__}: {exc}")
+    if value is None or value is Ellipsis:
+        return None, _not_done(name)
+    return value, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise: count LoRA's parameters by hand
+# ------------------------------------------------------------------------------------------------
+def check_lora_parameter_count(fn) -> CheckResult:
+    """Exercise: ``fn(in_features, out_features, rank)`` returns how many numbers LoRA trains for
+    one adapted nn.Linear of that size (A: in × r, B: r × out, no bias)."""
+    name = "count LoRA's parameters"
+    cases = [(64, 256, 4), (256, 64, 2), (64, 64, 8), (768, 3072, 16)]  # non-square first: each slip gives a distinct number
+    for in_f, out_f, r in cases:
+        got, problem = _call(name, fn, in_f, out_f, r)
+        if problem is not None:
+            return problem
+        right = r * (in_f + out_f)
+        if got == right:
+            continue
+        where = f"for in_features={in_f}, out_features={out_f}, rank={r} you returned {got!r}, expected {right:,}"
+        wrong = {in_f * out_f: "that is the size of the full weight W (out × in), which LoRA freezes; count A and B",
+                 r * in_f: "that is only A (in × r); B (r × out) trains too",
+                 r * out_f: "that is only B (r × out); A (in × r) trains too",
+                 in_f * out_f + r * (in_f + out_f): "you added the frozen W; only A and B are trained",
+                 r * (in_f + out_f) + out_f: "LoRA's A and B have no bias here: count only A and B",
+                 r * r: "A is in × r and B is r × out; r × r is neither",
+                 r * in_f * out_f: "A·B has in × out entries but LoRA stores A and B, not their product: add their sizes",
+                 2 * r * in_f: "A and B have different shapes when in != out: A is in × r, B is r × out"}
+        return CheckResult(name, INCORRECT, where, [wrong.get(got, "A is (in_features × rank), B is (rank × out_features): "
+                                                              "add their sizes")])
+    return CheckResult(name, CORRECT, "r·(in + out) for every case, e.g. 8·(64 + 64) = 1,024 for a 64×64 "
+                       "W_query at rank 8, against 4,096 for the full matrix")
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise: implement merging
+# ------------------------------------------------------------------------------------------------
+def check_merge(fn) -> CheckResult:
+    """Exercise: ``fn(W, A, B, scaling)`` returns the merged weight W + scaling·(A·B)ᵀ in
+    nn.Linear's (out × in) layout, where A is (in × r) and B is (r × out)."""
+    name = "implement merging"
+    in_dim, out_dim, rank, s = 6, 5, 2, 1.5  # in != out, so a missing transpose shows up as a shape error
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(out_dim, in_dim, generator=g)
+    A, B = torch.randn(in_dim, rank, generator=g), torch.randn(rank, out_dim, generator=g)
+    W_before = W.clone()
+    got, problem = _call(name, fn, W, A, B, s)
+    if problem is not None:
+        if "cannot be multiplied" in problem.message:
+            problem.hints.append("the product is A @ B: (in × r) @ (r × out) = (in × out); B @ A does not fit")
+        elif "raised" in problem.message:
+            problem.hints.append("A·B is (in × r)(r × out) = (in × out); W is (out × in), so transpose the product")
+        return problem
+    if not isinstance(got, torch.Tensor):
+        return CheckResult(name, INCORRECT, f"return a tensor, got {type(got).__name__}")
+    right = W_before + s * (A @ B).T
+    if tuple(got.shape) != tuple(right.shape):
+        return CheckResult(name, INCORRECT, f"the result has shape {tuple(got.shape)}, but W is (out × in) = "
+                           f"{tuple(right.shape)}", ["A·B is (in × out): transpose it, (A @ B).T, before adding it to W"])
+    if torch.allclose(got, right, atol=1e-5):
+        note = " (it also changed W in place, which is fine for merge_)" if not torch.equal(W, W_before) else ""
+        return CheckResult(name, CORRECT, "W + scaling·(A·B)ᵀ matches the reference" + note)
+    candidates = [(W_before + (A @ B).T, "you forgot the scaling factor: the update is scaling · (A·B)ᵀ"),
+                  (W_before + s * s * (A @ B).T, "the scaling is applied twice"),
+                  (W_before - s * (A @ B).T, "merging adds the update; subtracting it is unmerging"),
+                  (s * (A @ B).T, "that is ΔW alone: the merged weight is W + ΔW"),
+                  (W_before + (A @ B).T / s, "divide by nothing: multiply (A·B)ᵀ by the scaling")]
+    for wrong, hint in candidates:
+        if torch.allclose(got, wrong, atol=1e-5):
+            return CheckResult(name, INCORRECT, "the shape is right but the values are not", [hint])
+    return CheckResult(name, INCORRECT, "the values differ from W + scaling·(A·B)ᵀ",
+                       ["compare your result with W + scaling * (A @ B).T for small random tensors"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise: pick a rank for a target error (Eckart–Young)
+# ------------------------------------------------------------------------------------------------
+RANK_EXERCISE_SINGULAR_VALUES = (6.0, 4.0, 3.0, 2.0, 1.0, 0.5)
+RANK_EXERCISE_TARGET = 4.0
+
+
+def _best_error(singular_values, rank: int) -> float:
+    """Eckart–Young: sqrt(σ²_{r+1} + σ²_{r+2} + ...), for σ sorted in descending order."""
+    return float(sum(s * s for s in singular_values[rank:]) ** 0.5)
+
+
+def _smallest_rank(singular_values, target: float, error) -> int:
+    return next(r for r in range(len(singular_values) + 1) if error(singular_values, r) <= target)
+
+
+def check_rank_choice(rank, singular_values=RANK_EXERCISE_SINGULAR_VALUES,
+                      target_error: float = RANK_EXERCISE_TARGET) -> CheckResult:
+    """Exercise: the smallest LoRA rank whose best possible Frobenius error ‖ΔW − ΔW*‖_F
+    (Eckart–Young: sqrt of the sum of the discarded σ²) is at most ``target_error``."""
+    name = "pick a rank for a target error"
+    if rank is None or rank is Ellipsis:
+        return _not_done(name)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        return CheckResult(name, INCORRECT, f"the rank is a whole number >= 0, got {rank!r}")
+    sv = sorted(singular_values, reverse=True)
+    right = _smallest_rank(sv, target_error, _best_error)
+    if rank == right:
+        return CheckResult(name, CORRECT, f"rank {rank} leaves at best {_best_error(sv, rank):.3f} <= "
+                           f"{target_error:g}, and rank {rank - 1} would leave {_best_error(sv, rank - 1):.3f}")
+    # The typical slips, each giving a different rank for the course's spectrum:
+    slips = {
+        _smallest_rank(sv, target_error, lambda s, r: s[r] if r < len(s) else 0.0):
+            "you compared only the largest discarded σ with the target (that is the spectral-norm error); "
+            "the Frobenius error adds up all discarded σ²",
+        _smallest_rank(sv, target_error, lambda s, r: _best_error(s, r) ** 2):
+            "you compared the squared error (the sum of σ²) with the target; take its square root first",
+        _smallest_rank(sv, target_error, lambda s, r: sum(s[r:])):
+            "you added the discarded σ themselves; the error is sqrt(sum of σ²), which is smaller",
+    }
+    hints = [slips[rank]] if rank in slips and rank != right else []
+    if rank > len(sv):
+        return CheckResult(name, INCORRECT, f"this ΔW* has rank {len(sv)}: no LoRA rank above that is needed",
+                           hints or [f"at rank {len(sv)} the error is already 0"])
+    if rank < right:
+        hints.append(f"at rank {rank} the best possible error is sqrt({' + '.join(f'{s:g}²' for s in sv[rank:])}) = "
+                     f"{_best_error(sv, rank):.3f}, above the target {target_error:g}")
+        return CheckResult(name, INCORRECT, f"rank {rank} is too small", hints)
+    hints.append(f"rank {rank} works, but rank {rank - 1} already reaches {_best_error(sv, rank - 1):.3f} <= {target_error:g}")
+    return CheckResult(name, INCORRECT, f"rank {rank} is more than needed: it trains extra parameters", hints)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise: explain a loss curve from the lab (multiple choice)
+# ------------------------------------------------------------------------------------------------
+LOSS_CURVE_QUESTION = (
+    "In the lab of notebook 06 (q, v targets, learning rate 3e-3) you keep alpha = 16, choose the raw "
+    "`alpha` scaling and move the rank from 1 to 16: the loss falls much faster and ends much lower at "
+    "rank 16. Under `alpha/rank` the same move hardly changes the curve. Why?")
+LOSS_CURVE_CHOICES = {
+    "a": "A larger rank has more parameters, so it overfits the training set.",
+    "b": "Under Adam the size of x·A·B after a step grows about in proportion to r; raw `alpha` does not "
+         "divide by r, so the effective step size is r times larger.",
+    "c": "A larger rank needs more training steps before it starts to learn anything.",
+    "d": "At a larger rank the initialisation of B is no longer zero, so the model starts away from the base model.",
+}
+_LOSS_CURVE_HINTS = {
+    "a": "overfitting shows up as a gap between training and validation loss late in training; here the change "
+         "appears in the first steps, on the training curve itself",
+    "c": "with B = 0 at the start, every rank starts from the base model; look at how big the first updates are",
+    "d": "B starts at zero at every rank (LoRALayer.reset_parameters); look at the scaling factor s instead",
+}
+
+
+def check_loss_curve_answer(choice) -> CheckResult:
+    """Exercise: pick the letter that explains the loss curve (see ``LOSS_CURVE_QUESTION``)."""
+    name = "explain a loss curve"
+    if choice is None or choice is Ellipsis:
+        return _not_done(name)
+    letter = str(choice).strip().lower().strip("()")
+    if letter not in LOSS_CURVE_CHOICES:
+        return CheckResult(name, INCORRECT, f"answer with one letter among {', '.join(LOSS_CURVE_CHOICES)}, got {choice!r}")
+    if letter == "b":
+        return CheckResult(name, CORRECT, "s = alpha grows the update with r; s = alpha / r cancels that growth "
+                           "(LoRA paper §4.1), so rank can change without re-tuning alpha or the learning rate")
+    return CheckResult(name, INCORRECT, f"({letter}) does not explain it", [_LOSS_CURVE_HINTS[letter]])
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise: choose target_modules for a parameter budget
+# ------------------------------------------------------------------------------------------------
+BUDGET_EXERCISE = {"rank": 8, "budget": 20_000}
+
+
+def check_target_modules_for_budget(target_modules, model_factory=None, rank: int = BUDGET_EXERCISE["rank"],
+                                    budget: int = BUDGET_EXERCISE["budget"]) -> CheckResult:
+    """Exercise: choose ``target_modules`` for the course GPT so that LoRA at ``rank`` adds as many
+    trainable parameters as possible without going over ``budget``. Any answer within 10% of the
+    best reachable count (and not over the budget) is accepted."""
+    import itertools
+
+    from .accounting import expected_lora_parameters
+    from .gpt import load_pretrained_gpt
+    from .lora import replace_linear_with_lora
+
+    name = "target_modules for a parameter budget"
+    if target_modules is None or target_modules is Ellipsis:
+        return _not_done(name)
+    model = (model_factory or load_pretrained_gpt)()
+    try:
+        replace_linear_with_lora(model, rank, rank, target_modules=target_modules, exclude_modules=["out_head"])
+    except ValueError as exc:
+        return CheckResult(name, INCORRECT, str(exc), ["print(model) lists the Linear layers' names"])
+    count = expected_lora_parameters(model)
+    # Best reachable: whole kinds of layer in every block (q, k, v, out_proj: 64×64; ff: 64↔256).
+    per_block = {"W_query": rank * 128, "W_key": rank * 128, "W_value": rank * 128, "out_proj": rank * 128,
+                 "ff.layers.0": rank * 320, "ff.layers.2": rank * 320}
+    n_blocks = len(model.trf_blocks)
+    best = 0
+    kinds = list(per_block)
+    for k in range(1, len(kinds) + 1):
+        for combo in itertools.combinations(kinds, k):
+            total = n_blocks * sum(per_block[c] for c in combo)
+            if total <= budget:
+                best = max(best, total)
+    if count > budget:
+        return CheckResult(name, INCORRECT, f"that adds {count:,} trainable parameters, over the budget of {budget:,}",
+                           [f"each 64×64 attention matrix costs r·(64 + 64) = {rank * 128:,} per block, each "
+                            f"feed-forward matrix r·(64 + 256) = {rank * 320:,}; there are {n_blocks} blocks"])
+    if count < 0.9 * best:
+        return CheckResult(name, INCORRECT, f"that adds {count:,} parameters: within budget, but {best:,} is reachable",
+                           ["spend more of the budget: adapt more kinds of layer (the paper's ablation favours "
+                            "spreading a budget over several matrices)"])
+    return CheckResult(name, CORRECT, f"{count:,} trainable LoRA parameters, within the budget of {budget:,}")

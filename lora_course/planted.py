@@ -1,0 +1,211 @@
+"""Ground truth for "what rank does LoRA need?": a planted low-rank update, and real spectra.
+
+The planted-rank experiment. A teacher layer computes ``x (W + ΔW*)ᵀ`` where ΔW* (out × in) has a
+known rank r* and known, distinct singular values σ₁ > σ₂ > ... > σ_r*. A student keeps W frozen
+and learns ΔW = s·(A·B)ᵀ with LoRA of rank r, trained to match the teacher's outputs.
+
+With whitened inputs (XᵀX / N = I, exactly), the mean squared output error is a matrix norm:
+
+    (1/N) ‖X (ΔW − ΔW*)ᵀ‖²_F = trace((ΔW − ΔW*) XᵀX/N (ΔW − ΔW*)ᵀ) = ‖ΔW − ΔW*‖²_F
+
+so training LoRA here is best rank-r approximation of ΔW*, and the Eckart–Young theorem (1936)
+says the best any rank-r matrix can do is
+
+    min_{rank(M) <= r} ‖M − ΔW*‖_F = sqrt(σ²_{r+1} + ... + σ²_{r*})
+
+i.e. the singular values it has to leave out. Below r* the error plateaus at that value; from
+r = r* on it can reach zero. The functions here measure it, and also look at the singular values
+of real updates (full fine-tuning vs LoRA) on the course's GPT.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lora import LinearWithLoRA, lora_layers
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+PLANTED_SINGULAR_VALUES = (4.0, 3.0, 2.0, 1.0)  # r* = 4, distinct so the best rank-r answer is unique
+
+
+def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """A (rows × cols) matrix with orthonormal columns (rows >= cols): Q of a Gaussian's QR."""
+    if cols > rows:
+        raise ValueError(f"cannot have {cols} orthonormal columns in {rows} dimensions")
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator))
+    return q * torch.sign(torch.diagonal(r))  # fix signs so the result is unique for a seed
+
+
+def planted_update(out_dim: int, in_dim: int, singular_values=PLANTED_SINGULAR_VALUES, seed: int = 0) -> torch.Tensor:
+    """ΔW* = U · diag(σ) · Vᵀ (out × in) with the given singular values, so rank(ΔW*) = len(σ)."""
+    sigma = torch.as_tensor(singular_values, dtype=torch.float32)
+    if sigma.ndim != 1 or len(sigma) == 0 or bool((sigma <= 0).any()):
+        raise ValueError(f"singular_values must be a non-empty list of positive numbers, got {singular_values!r}")
+    if len(sigma) > min(out_dim, in_dim):
+        raise ValueError(f"{len(sigma)} singular values do not fit in a {out_dim} × {in_dim} matrix")
+    g = torch.Generator().manual_seed(seed)
+    u = random_orthonormal(out_dim, len(sigma), g)  # (out, r*)
+    v = random_orthonormal(in_dim, len(sigma), g)   # (in, r*)
+    return u @ torch.diag(sigma) @ v.T
+
+
+def eckart_young_error(delta: torch.Tensor, rank: int) -> float:
+    """The smallest Frobenius error any rank-``rank`` matrix can reach when approximating
+    ``delta``: sqrt of the sum of its discarded squared singular values (σ_{r+1}, σ_{r+2}, ...)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
+    sigma = torch.linalg.svdvals(delta.double())  # descending
+    return float(torch.sqrt((sigma[rank:] ** 2).sum()))
+
+
+def whitened_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """N inputs (N × dim, N >= dim) that are exactly white: XᵀX / N = I. Then the mean squared
+    output error of a linear map equals the squared Frobenius norm of its weight error."""
+    if n < dim:
+        raise ValueError(f"need at least as many inputs as dimensions to whiten (n={n} < dim={dim})")
+    return math.sqrt(n) * random_orthonormal(n, dim, torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PlantedFit:
+    rank: int
+    error: float        # ‖ΔW − ΔW*‖_F after training (= sqrt of the final loss, inputs white)
+    predicted: float    # Eckart–Young: sqrt(sum of discarded σ²)
+    losses: list[float]  # training loss per logged step
+
+
+def fit_lora_to_teacher(base: nn.Linear, delta_star: torch.Tensor, rank: int, *, steps: int = 600,
+                        lr: float = 0.05, n_inputs: int = 64, seed: int = 0) -> PlantedFit:
+    """Train a rank-``rank`` LoRA student on the frozen ``base`` to match the teacher
+    ``base(x) + x ΔW*ᵀ`` on whitened inputs. Adam with cosine decay, full batch."""
+    torch.manual_seed(seed)  # A's random init; B starts at zero as always in LoRA
+    student = LinearWithLoRA(base, rank=rank, alpha=rank)  # scaling alpha/rank = 1: ΔW = (A·B)ᵀ
+    base.requires_grad_(False)
+    x = whitened_inputs(n_inputs, base.in_features, seed=seed + 1)  # (N, in)
+    with torch.no_grad():
+        target = base(x) + x @ delta_star.T                           # (N, out): the teacher
+    params = [student.lora.A, student.lora.B]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * 1e-3)
+    losses = []
+    for step in range(steps):
+        # mean over inputs of the squared error summed over outputs = ‖ΔW − ΔW*‖²_F (white x)
+        loss = ((student(x) - target) ** 2).sum(dim=1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 10 == 0 or step == steps - 1:
+            losses.append(loss.item())
+    with torch.no_grad():
+        error = float(torch.linalg.matrix_norm(student.lora.delta_weight() - delta_star))
+    return PlantedFit(rank, error, eckart_young_error(delta_star, rank), losses)
+
+
+def planted_rank_experiment(ranks=None, singular_values=PLANTED_SINGULAR_VALUES, dim: int = 32,
+                            steps: int = 600, seed: int = 0) -> list[PlantedFit]:
+    """Fit LoRA students of each rank (default 1 … 2·r*) to a teacher with a planted ΔW*."""
+    r_star = len(singular_values)
+    ranks = list(range(1, 2 * r_star + 1)) if ranks is None else list(ranks)
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(dim, dim)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(dim, dim, generator=g) / math.sqrt(dim))
+        base.bias.zero_()
+    delta_star = planted_update(dim, dim, singular_values, seed=seed + 100)
+    return [fit_lora_to_teacher(base, delta_star, r, steps=steps, seed=seed) for r in ranks]
+
+
+def plot_planted(fits: list[PlantedFit], r_star: int | None = None, ax=None):
+    """Measured error vs rank next to the Eckart–Young prediction. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6, 3.6))[1]
+    ranks = [f.rank for f in fits]
+    ax.plot(ranks, [f.predicted for f in fits], "s--", color="gray", ms=9, mfc="none",
+            label="Eckart–Young prediction")
+    ax.plot(ranks, [f.error for f in fits], "o-", color="C0", label="trained LoRA student")
+    if r_star is not None:
+        ax.axvline(r_star, color="C3", lw=1, ls=":", label=f"planted rank r* = {r_star}")
+    ax.set(xlabel="LoRA rank r", ylabel="‖ΔW − ΔW*‖_F", xticks=ranks,
+           title="Error left after training vs what rank r can do at best")
+    ax.legend()
+    return ax
+
+
+# ------------------------------------------------------------------------------------------------
+# Spectra of real updates
+# ------------------------------------------------------------------------------------------------
+def entropy_effective_rank(singular_values: torch.Tensor) -> float:
+    """exp(Shannon entropy of p), p_i = σ_i / Σσ (Roy & Vetterli, 2007). It is k for k equal
+    non-zero singular values, and between 1 and k when a few of them dominate."""
+    sigma = torch.as_tensor(singular_values, dtype=torch.float64)
+    p = sigma[sigma > 0] / sigma.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def energy_rank(singular_values: torch.Tensor, fraction: float = 0.9) -> int:
+    """The fewest singular values whose squares hold ``fraction`` of ‖ΔW‖²_F: the rank a
+    truncated SVD needs to keep that share of the update's energy."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    energy = torch.as_tensor(singular_values, dtype=torch.float64) ** 2
+    cumulative = energy.cumsum(0) / energy.sum()
+    return int((cumulative < fraction - 1e-12).sum()) + 1
+
+
+@dataclass
+class UpdateSpectrum:
+    name: str
+    singular_values: torch.Tensor  # descending
+
+    @property
+    def effective_rank(self) -> float:
+        return entropy_effective_rank(self.singular_values)
+
+    def energy_rank(self, fraction: float = 0.9) -> int:
+        return energy_rank(self.singular_values, fraction)
+
+
+def full_update_spectra(before: nn.Module, after: nn.Module, names) -> list[UpdateSpectrum]:
+    """Singular values of ΔW = W_after − W_before for each named Linear (full fine-tuning)."""
+    out = []
+    for name in names:
+        delta = after.get_submodule(name).weight.detach() - before.get_submodule(name).weight.detach()
+        out.append(UpdateSpectrum(name, torch.linalg.svdvals(delta.double())))
+    return out
+
+
+def lora_update_spectra(model: nn.Module, names=None) -> list[UpdateSpectrum]:
+    """Singular values of ΔW = s·(A·B)ᵀ for the model's LoRA layers (all, or those named)."""
+    out = []
+    for name, layer in lora_layers(model):
+        if names is None or name in names:
+            out.append(UpdateSpectrum(name, torch.linalg.svdvals(layer.lora.delta_weight().detach().double())))
+    return out
+
+
+def plot_spectra(full: list[UpdateSpectrum], lora: list[UpdateSpectrum], ax=None):
+    """Normalised singular values (σ_i / σ_1) of full-FT and LoRA updates on a log scale."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6.5, 3.6))[1]
+    for i, s in enumerate(full):
+        ax.semilogy(range(1, len(s.singular_values) + 1), s.singular_values / s.singular_values[0],
+                    color="C0", alpha=0.5, label="full fine-tuning ΔW" if i == 0 else None)
+    for i, s in enumerate(lora):
+        sv = s.singular_values / s.singular_values[0]
+        ax.semilogy(range(1, len(sv) + 1), sv.clamp_min(1e-8), color="C1", alpha=0.6,
+                    label="LoRA ΔW = s·(A·B)ᵀ" if i == 0 else None)
+    ax.set(xlabel="index i of the singular value", ylabel="σ_i / σ_1", ylim=(1e-8, 2),
+           title="Spectrum of the weight update (W_query, W_value of every block)")
+    ax.legend()
+    return ax

@@ -1,0 +1,347 @@
+"""The rank-and-alpha lab of notebook 06: plain functions that train, measure and plot, and thin
+ipywidgets UIs around them.
+
+Every widget here is two layers:
+
+1. a plain function or method that computes and plots, and returns numbers you can check
+   (``RankAlphaLab.show``, ``alpha_rank_grid`` + ``plot_alpha_rank_heatmaps``);
+2. a UI (``RankAlphaLab.ui``, ``heatmap_ui``) that only reads its controls and calls layer 1.
+
+So the notebook makes each figure once with a plain, asserted call, and the unit tests drive the
+UIs without a browser (setting ``slider.value`` runs the same callbacks a drag does).
+
+Speed. A redraw must feel live (about a second on a 2-core CPU), so the lab trains a *short*
+proxy run (by default 20 AdamW steps of 16 messages, then one validation pass on 128 fixed
+messages), caches every run by its settings, computes the full fine-tuning reference once per
+lab, and draws the plot into an Image widget that is replaced in place. Runs are cached by
+(rank, s, targets, lr) where s is the resulting scaling factor: two conventions that give the
+same s for a rank (all three agree at rank 1) train the identical model, so they share one run.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import classification_splits
+from .lora import SCALINGS, lora_scaling, mark_only_lora_as_trainable, replace_linear_with_lora
+from .training import EncodedSplit, evaluate, make_classifier, train_classifier
+
+#: Target-layer choices offered by the lab, by label. Names match as dotted suffixes (PEFT's rule).
+TARGETS = {
+    "q, v (the paper's default)": ("W_query", "W_value"),
+    "q, k, v, out_proj": ("W_query", "W_key", "W_value", "out_proj"),
+    "all Linear (attention + feed-forward)": ("W_query", "W_key", "W_value", "out_proj", "ff.layers.0", "ff.layers.2"),
+}
+DEFAULT_TARGETS = "q, v (the paper's default)"
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+ALPHAS = (0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class LabRun:
+    """One short training run of the lab and what it measured."""
+
+    label: str
+    trainable_parameters: int
+    train_loss: list[float]      # per step, on the same batches for every run of a lab
+    final_val_loss: float        # on the lab's fixed validation subset, after the last step
+    final_val_accuracy: float
+    seconds: float               # wall time of the training run (when it was trained, not fetched)
+    model: torch.nn.Module = field(default=None, repr=False)  # the trained model, for inspection
+
+    def smoothed_loss(self, window: int = 5) -> np.ndarray:
+        """Running mean of the training loss over ``window`` steps (fewer at the start)."""
+        loss = np.asarray(self.train_loss)
+        cumulative = np.concatenate([[0.0], np.cumsum(loss)])
+        starts = np.maximum(np.arange(1, len(loss) + 1) - window, 0)
+        return (cumulative[1:] - cumulative[starts]) / (np.arange(1, len(loss) + 1) - starts)
+
+
+class RankAlphaLab:
+    """Short LoRA fine-tunes of the course GPT on a classification task, cached by settings.
+
+    The curve drawn is the training loss of every step: all runs of a lab see the same batches in
+    the same order (seeded), so two curves differ only by the settings. The final metric is the
+    validation loss and accuracy on a fixed subset of ``n_val`` held-out messages, measured once
+    at the end (measuring it at every step would double the cost of a redraw).
+
+    Args:
+        base: the pretrained model (``load_pretrained_gpt()``); it is never modified.
+        task: ``"spam"`` or ``"sentiment"``.
+        steps: AdamW steps per run (a short proxy of a real fine-tune, chosen for speed).
+        batch_size: messages per step.
+        n_val: size of the fixed validation subset for the final metric.
+        full_lr: learning rate of the full fine-tuning reference.
+    """
+
+    def __init__(self, base, task: str = "spam", steps: int = 20, batch_size: int = 16, n_val: int = 128,
+                 full_lr: float = 1e-3, seed: int = 0):
+        splits = classification_splits(task)
+        self.base, self.task, self.steps = base, task, steps
+        self.full_lr, self.batch_size, self.seed = full_lr, batch_size, seed
+        self.train = EncodedSplit.from_split(splits["train"])          # encoded once, reused by every run
+        val = EncodedSplit.from_split(splits["val"])
+        self.val = EncodedSplit(val.ids[:n_val], val.lengths[:n_val], val.labels[:n_val])
+        self.cache: dict[tuple, LabRun] = {}
+        self._full_runs: dict[float, LabRun] = {}
+        self._untrained: float | None = None
+
+    # -- computing ---------------------------------------------------------------------------
+    def _train(self, model, lr: float, label: str) -> LabRun:
+        start = time.perf_counter()
+        history = train_classifier(model, self.train, self.val, steps=self.steps, lr=lr, batch_size=self.batch_size,
+                                   eval_every=self.steps, seed=self.seed, name=label, progress=False)
+        return LabRun(label, history.trainable_parameters, history.train_loss, history.final_val_loss,
+                      history.final_val_accuracy, time.perf_counter() - start, model)
+
+    def untrained_loss(self) -> float:
+        """Validation loss before any step: every LoRA run starts here, since B = 0."""
+        if self._untrained is None:
+            self._untrained = evaluate(make_classifier(self.base), self.val)[0]
+        return self._untrained
+
+    def clear_cache(self) -> None:
+        """Forget every LoRA run (the full fine-tuning reference is kept)."""
+        self.cache.clear()
+
+    def full_finetuning(self, lr: float) -> LabRun:
+        """Full fine-tuning (every weight trains) with the same steps and batches, at ``lr``;
+        computed once per learning rate."""
+        if lr not in self._full_runs:
+            self._full_runs[lr] = self._train(make_classifier(self.base), lr, "full fine-tuning")
+        return self._full_runs[lr]
+
+    def reference(self) -> LabRun:
+        """The curve every LoRA run is drawn against: full fine-tuning at ``full_lr``."""
+        return self.full_finetuning(self.full_lr)
+
+    def run(self, rank: int, alpha: float, scaling: str = "alpha/rank", targets: str = DEFAULT_TARGETS,
+            lr: float = 3e-3) -> LabRun:
+        """A short LoRA run with these settings (from the cache when it was trained before)."""
+        if targets not in TARGETS:
+            raise ValueError(f"unknown targets {targets!r}: choose one of {list(TARGETS)}")
+        s = lora_scaling(rank, alpha, scaling)  # validates rank, alpha and the convention's name
+        key = (rank, round(s, 12), targets, float(lr))
+        if key not in self.cache:
+            model = make_classifier(self.base)  # a fresh copy each time: re-running never double-wraps
+            torch.manual_seed(self.seed)  # A's random init: the same for every run of this rank, whatever ran before
+            replace_linear_with_lora(model, rank, alpha, scaling=scaling, target_modules=list(TARGETS[targets]))
+            mark_only_lora_as_trainable(model, modules_to_save=["out_head"])
+            self.cache[key] = self._train(model, lr, f"LoRA r={rank}, α={alpha:g}, {scaling} (s={s:.3g})")
+        return self.cache[key]
+
+    # -- plotting ----------------------------------------------------------------------------
+    def plot(self, run: LabRun, ax=None, ylim=None):
+        """The run's validation-loss curve over the full fine-tuning reference. Returns the axes."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.subplots(figsize=(7, 3.8))[1]
+        ref = self.reference()
+        steps = np.arange(1, self.steps + 1)
+        for r, style, color in ((ref, "--", "gray"), (run, "-", "C1")):
+            ax.plot(steps, r.train_loss, style, color=color, lw=0.8, alpha=0.35)
+            ax.plot(steps, r.smoothed_loss(), style, color=color, lw=2.5,
+                    label=f"{r.label}\n{r.trainable_parameters:,} trainable · final val loss "
+                          f"{r.final_val_loss:.3f} · acc {r.final_val_accuracy:.2f}")
+        ax.set(xlabel="training step (same batches for every run)", ylabel="training loss (thick: 5-step mean)",
+               ylim=ylim or (0, 1.6), xlim=(1, self.steps),
+               title=f"{self.task} classifier: LoRA vs full fine-tuning, {self.steps} steps")
+        ax.legend(loc="upper right", fontsize=8)
+        return ax
+
+    def show(self, rank: int = 4, alpha: float = 64, scaling: str = "alpha/rank", targets: str = DEFAULT_TARGETS,
+             lr: float = 3e-3) -> LabRun:
+        """Train (or fetch) a run, draw its curve over the reference, and return it (plain function)."""
+        import matplotlib.pyplot as plt
+
+        run = self.run(rank, alpha, scaling, targets, lr)
+        self.plot(run)
+        plt.show()
+        return run
+
+    # -- the UI ------------------------------------------------------------------------------
+    def ui(self, rank: int = 4, alpha: float = 64, scaling: str = "alpha/rank", targets: str = DEFAULT_TARGETS,
+           lr: float = 3e-3) -> "LabUI":
+        """Sliders and menus around ``show``; see ``LabUI``."""
+        return LabUI(self, rank, alpha, scaling, targets, lr)
+
+
+def figure_png(fig) -> bytes:
+    """Render a figure to PNG bytes and close it (for Image widgets)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class LabUI:
+    """The lab's controls. ``widget`` is what a notebook displays; the controls are attributes, so
+    code (and tests) can move them: ``ui.rank.value = 8`` runs a redraw just like a drag does.
+    After each redraw ``last_run`` holds the run shown, ``last_redraw_seconds`` its wall time and
+    ``last_redraw_cpu_seconds`` the CPU time it used."""
+
+    def __init__(self, lab: RankAlphaLab, rank, alpha, scaling, targets, lr):
+        import ipywidgets as w
+
+        self.lab = lab
+        style, layout = {"description_width": "110px"}, w.Layout(width="420px")
+        # continuous_update=False: a drag trains once, when the mouse is released.
+        self.rank = w.IntSlider(value=rank, min=1, max=16, description="rank r", continuous_update=False,
+                                style=style, layout=layout)
+        self.alpha = w.SelectionSlider(options=list(ALPHAS), value=alpha, description="alpha α",
+                                       continuous_update=False, style=style, layout=layout)
+        self.scaling = w.Dropdown(options=list(SCALINGS), value=scaling, description="scaling s =", style=style,
+                                  layout=layout)
+        self.targets = w.Dropdown(options=list(TARGETS), value=targets, description="target layers", style=style,
+                                  layout=layout)
+        self.lr = w.SelectionSlider(options=[(f"{v:g}", v) for v in LEARNING_RATES], value=lr, description="learning rate",
+                                    continuous_update=False, style=style, layout=layout)
+        self.count = w.HTML()
+        # The plot is a PNG in an Image widget, replaced in place at each redraw (no flicker, and
+        # the bytes can be checked by tests).
+        self.image = w.Image(format="png")
+        controls = [self.rank, self.alpha, self.scaling, self.targets, self.lr]
+        self.widget = w.VBox([w.HBox([w.VBox(controls), self.count]), self.image])
+        self.last_run: LabRun | None = None
+        self.last_redraw_seconds = float("nan")      # wall time: includes other programs' share of the CPU
+        self.last_redraw_cpu_seconds = float("nan")  # CPU time of this process: the cost on an idle machine
+        for control in controls:
+            control.observe(lambda change: self.redraw(), names="value")
+        self.redraw()
+
+    def settings(self) -> dict:
+        return {"rank": self.rank.value, "alpha": self.alpha.value, "scaling": self.scaling.value,
+                "targets": self.targets.value, "lr": self.lr.value}
+
+    def redraw(self) -> LabRun:
+        """Train (or fetch) the run of the current settings, update the numbers and the plot."""
+        import matplotlib.pyplot as plt
+
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.count.value = "<i>training…</i>"
+        run = self.lab.run(**self.settings())
+        s = lora_scaling(self.rank.value, self.alpha.value, self.scaling.value)
+        self.count.value = (f"<b>trainable parameters: {run.trainable_parameters:,}</b><br>"
+                            f"scaling factor s = {s:.3g}<br>"
+                            f"final validation loss: {run.final_val_loss:.3f}<br>"
+                            f"final validation accuracy: {run.final_val_accuracy:.2f}<br>"
+                            f"full fine-tuning: {self.lab.reference().trainable_parameters:,} parameters, "
+                            f"accuracy {self.lab.reference().final_val_accuracy:.2f}")
+        fig, ax = plt.subplots(figsize=(7, 3.8), layout="constrained")
+        self.lab.plot(run, ax)
+        self.image.value = figure_png(fig)
+        self.last_run, self.last_redraw_seconds = run, time.perf_counter() - start
+        self.last_redraw_cpu_seconds = time.process_time() - cpu_start
+        return run
+
+
+# ------------------------------------------------------------------------------------------------
+# The rank × alpha heatmaps (pitfall #1: alpha vs rank)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class AlphaRankGrid:
+    """Final validation losses of short LoRA runs over ranks × alphas, one grid per convention.
+
+    ``untrained_loss`` is the loss before any step (B = 0: the base model with its fresh head).
+    ``threshold``, halfway between it and the best loss of all grids, marks "this run learned".
+    """
+
+    ranks: list[int]
+    alphas: list[float]
+    final_loss: dict[str, np.ndarray]  # scaling -> (len(ranks), len(alphas)) final validation loss
+    untrained_loss: float
+    distinct_runs: int                 # how many (rank, s) pairs, i.e. trainings, the grids needed
+
+    @property
+    def threshold(self) -> float:
+        best = min(float(loss.min()) for loss in self.final_loss.values())
+        return (self.untrained_loss + best) / 2
+
+    def best_alpha(self, scaling: str) -> list[float]:
+        """For each rank, the alpha with the lowest final loss under ``scaling``."""
+        return [self.alphas[int(i)] for i in np.argmin(self.final_loss[scaling], axis=1)]
+
+    def onset_alpha(self, scaling: str) -> list[float]:
+        """For each rank, the smallest alpha whose run gets below ``threshold``: where learning
+        starts. In short runs this edge is sharp, while the loss near its minimum is flat and
+        bumpy, so it locates a row better than the argmin does."""
+        out = []
+        for row in self.final_loss[scaling]:
+            below = np.flatnonzero(row < self.threshold)
+            out.append(self.alphas[int(below[0])] if len(below) else math.inf)
+        return out
+
+    def octaves_moved(self, scaling: str, which: str = "onset") -> float:
+        """How far the onset (or best) alpha moves across the ranks, in factors of 2."""
+        values = self.onset_alpha(scaling) if which == "onset" else self.best_alpha(scaling)
+        return math.log2(max(values) / min(values))
+
+
+def alpha_rank_grid(lab: RankAlphaLab, ranks=(1, 4, 16), alphas=ALPHAS, scalings=SCALINGS,
+                    targets: str = DEFAULT_TARGETS, lr: float = 1e-3) -> AlphaRankGrid:
+    """Final validation loss of a short LoRA run for every (scaling, rank, alpha).
+
+    With ranks that are powers of 4 and alphas that are powers of 2, every scaling factor s is a
+    power of 2, so many cells of the three grids are the same run (same rank and s) and the
+    lab's cache trains each only once."""
+    losses = {sc: np.array([[lab.run(r, a, sc, targets, lr).final_val_loss for a in alphas] for r in ranks])
+              for sc in scalings}
+    distinct = {(r, round(lora_scaling(r, a, sc), 12)) for sc in scalings for r in ranks for a in alphas}
+    return AlphaRankGrid(list(ranks), list(alphas), losses, lab.untrained_loss(), len(distinct))
+
+
+def plot_alpha_rank_heatmaps(grid: AlphaRankGrid, scalings=None, axes=None, vmax: float | None = None):
+    """One heatmap per scaling convention: rows = rank, columns = alpha, colour = final loss,
+    with the lowest loss of each row circled and the first alpha that learns marked. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    scalings = list(scalings or grid.final_loss)
+    if axes is None:
+        _, axes = plt.subplots(1, len(scalings), figsize=(4.3 * len(scalings), 3.6), squeeze=False,
+                               layout="constrained")
+        axes = axes[0]
+    values = np.concatenate([grid.final_loss[s].ravel() for s in scalings])
+    vmin, vmax = float(values.min()), vmax or float(np.quantile(values, 0.9))
+    for ax, sc in zip(axes, scalings):
+        image = ax.imshow(grid.final_loss[sc], cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
+        best = np.argmin(grid.final_loss[sc], axis=1)
+        onset = [grid.alphas.index(a) if a in grid.alphas else np.nan for a in grid.onset_alpha(sc)]
+        ax.scatter(best, range(len(grid.ranks)), s=170, facecolors="none", edgecolors="red", linewidths=2,
+                   label="lowest loss of the row")
+        ax.plot(onset, range(len(grid.ranks)), "w^--", ms=9, mec="black", lw=1.5,
+                label=f"first α with loss < {grid.threshold:.2f}")
+        ax.set_xticks(range(len(grid.alphas)), [f"{a:g}" for a in grid.alphas])
+        ax.set_yticks(range(len(grid.ranks)), [str(r) for r in grid.ranks])
+        ax.grid(False)
+        ax.set(xlabel="alpha", ylabel="rank", title=f"s = {sc}")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[0].figure.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
+    plt.colorbar(image, ax=list(axes), label="final validation loss (yellow = low)", shrink=0.9)
+    return axes
+
+
+def heatmap_ui(grid: AlphaRankGrid):
+    """A menu to show one convention's heatmap at a time (all grids are already computed)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    choice = w.ToggleButtons(options=list(grid.final_loss), description="scaling")
+    image = w.Image(format="png")
+
+    def draw(_=None):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+        plot_alpha_rank_heatmaps(grid, [choice.value], axes=[ax])
+        image.value = figure_png(fig)
+
+    choice.observe(draw, names="value")
+    draw()
+    box = w.VBox([choice, image])
+    box.choice, box.image = choice, image  # for tests and notebook code
+    return box
