@@ -66,11 +66,14 @@ def plot_loss_curves(histories: Sequence[History], *, smooth_window: int = 10, a
 
 
 def plot_accuracy_vs_parameters(histories: Sequence[History], *, reference: History | None = None, ax=None,
-                                accuracies: Sequence[float] | None = None,
+                                accuracies: Sequence[float] | None = None, reference_accuracy: float | None = None,
+                                chance: float | None = None,
                                 title: str = "Final validation accuracy against trainable parameters"):
     """Final validation accuracy (y) against trainable parameters (x, log scale), one labelled
     point per run; ``reference`` (e.g. full fine-tuning) is drawn as a point and a dotted
-    horizontal line. ``accuracies`` overrides the y values (e.g. test accuracies)."""
+    horizontal line. ``accuracies`` and ``reference_accuracy`` override the y values (e.g. with
+    test accuracies). ``chance`` draws the chance level and starts the y axis just below it, so
+    that small differences near the top are not blown up."""
     histories = _check_histories(histories)
     ys = list(accuracies) if accuracies is not None else [h.final_val_accuracy for h in histories]
     if len(ys) != len(histories):
@@ -81,8 +84,12 @@ def plot_accuracy_vs_parameters(histories: Sequence[History], *, reference: Hist
     for h, x, y in zip(histories, xs, ys):
         ax.annotate(h.name, (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
     if reference is not None:
-        ax.axhline(reference.final_val_accuracy, color="C3", ls=":", label=f"{reference.name}")
-        ax.plot([reference.trainable_parameters], [reference.final_val_accuracy], "s", color="C3")
+        ref_y = reference.final_val_accuracy if reference_accuracy is None else reference_accuracy
+        ax.axhline(ref_y, color="C3", ls=":", label=f"{reference.name}")
+        ax.plot([reference.trainable_parameters], [ref_y], "s", color="C3")
+    if chance is not None:
+        ax.axhline(chance, color="0.5", ls="--", lw=1, label="chance")
+        ax.set_ylim(chance - 0.05, 1.02)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("validation accuracy")

@@ -90,3 +90,15 @@ def test_memory_bars_stack_to_the_total():
         x = round(patch.get_x(), 6)
         tops[x] = max(tops.get(x, 0), patch.get_y() + patch.get_height())
     assert sorted(tops.values()) == pytest.approx(sorted(m.total / 2 ** 20 for m in mems))
+
+
+def test_accuracy_against_parameters_with_test_accuracies_and_chance():
+    runs = [history(f"r={r}", r * 100, 0.8 + r / 100) for r in (1, 2)]
+    full = history("full FT", 200_000, 0.95)
+    ax = plot_accuracy_vs_parameters(runs, reference=full, accuracies=[0.7, 0.75], reference_accuracy=0.9, chance=0.5)
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [0.7, 0.75])
+    others = [line.get_ydata() for line in ax.get_lines()[1:]]
+    assert any(np.allclose(y, 0.9) for y in others)  # the reference follows reference_accuracy
+    assert not any(np.allclose(y, full.final_val_accuracy) for y in others)
+    assert any(np.allclose(y, 0.5) for y in others)
+    assert ax.get_ylim()[0] < 0.5
