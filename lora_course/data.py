@@ -7,8 +7,8 @@ reviews with a vocabulary of about 500 words:
 - everyday messages between friends ("ham"), which often use words that spam uses too
   ("free", "call", "won", "offer", "reply");
 - spam messages, some of which sound friendly ("hi sam , are you free tonight ? ...");
-- short reviews whose sentiment depends on word order ("the soup was bad but the staff was
-  lovely" is positive; "the cake was not tasty" is negative).
+- short reviews whose sentiment depends on word order ("the stew was awful but the staff was so
+  fantastic" is positive; "the cake was not fresh" is negative).
 
 Downstream tasks (two classes each): ``"spam"`` (ham = 0, spam = 1) and ``"sentiment"``
 (negative = 0, positive = 1). No single word decides either task (``keyword_baseline`` measures
