@@ -90,8 +90,9 @@ TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def get_architecture(name: str) -> Architecture:
-    """Look up one of ``ARCHITECTURES`` by key, with a helpful error for a typo."""
+def get_architecture(name: str | Architecture) -> Architecture:
+    """Look up one of ``ARCHITECTURES`` by key (an ``Architecture`` is returned as it is), with a
+    helpful error for a typo."""
     if isinstance(name, Architecture):
         return name
     try:
@@ -108,8 +109,9 @@ def from_gpt_config(cfg, name: str = "course GPT") -> Architecture:
                         tied_embeddings=False, head_bias=False)
 
 
-def block_matrices(arch: Architecture) -> dict[str, tuple[int, int]]:
+def block_matrices(arch: str | Architecture) -> dict[str, tuple[int, int]]:
     """The weight matrices of one transformer block as name -> (in_features, out_features)."""
+    arch = get_architecture(arch)
     d, f = arch.d_model, arch.d_ff
     matrices = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d)}
     if arch.mlp == "swiglu":
@@ -168,7 +170,8 @@ def cost_table(arch, ranks=(8,), targets=("q,v",), bytes_per_value: int = 4) -> 
 
     Each row: method, trainable parameters, their share of the model, training memory in bytes
     (weights, gradients, AdamW states; float32 by default) and the checkpoint a task needs
-    (every weight for full fine-tuning; only A and B for LoRA).
+    (every weight for full fine-tuning; only A and B for LoRA). Under LoRA the stored weights are
+    the frozen model plus A and B, and only A and B have gradients and AdamW states.
     """
     arch = get_architecture(arch)
     total = total_parameters(arch)
@@ -179,6 +182,6 @@ def cost_table(arch, ranks=(8,), targets=("q,v",), bytes_per_value: int = 4) -> 
         for rank in ranks:
             n = lora_parameters(arch, rank, target)
             rows.append({"method": f"LoRA r={rank} ({target})", "trainable": n, "share": n / total,
-                         "memory_bytes": training_memory(n, total, bytes_per_value),
+                         "memory_bytes": training_memory(n, total + n, bytes_per_value),
                          "checkpoint_bytes": n * bytes_per_value})
     return rows

@@ -64,6 +64,8 @@ def eckart_young_error(sigma: torch.Tensor, rank: int) -> float:
 
 def energy_captured(sigma: torch.Tensor, k: int) -> float:
     """Share of ‖M‖_F² held by the top k singular directions: Σ_{i≤k} σᵢ² / Σ σᵢ² (between 0 and 1)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(sigma):
+        raise ValueError(f"k must be an integer between 0 and {len(sigma)} (the number of singular values), got {k!r}")
     total = float((sigma ** 2).sum())
     if total == 0:
         raise ValueError("the matrix is all zeros: it has no energy to capture")
@@ -74,18 +76,23 @@ def relative_errors(M: torch.Tensor, ranks) -> list[float]:
     """‖M − M_r‖_F / ‖M‖_F for each rank r (by Eckart–Young, from the singular values)."""
     sigma = singular_values(M)
     norm = math.sqrt(float((sigma ** 2).sum()))
+    if norm == 0:
+        raise ValueError("the matrix is all zeros: its relative error is undefined (0 / 0)")
     return [eckart_young_error(sigma, r) / norm for r in ranks]
 
 
 def rank_for_error(M: torch.Tensor, tolerance: float) -> int:
     """The smallest rank whose relative error ‖M − M_r‖_F / ‖M‖_F is at most ``tolerance``."""
+    if not 0 <= tolerance:  # also rejects NaN
+        raise ValueError(f"tolerance must be a relative error >= 0 (for example 0.1 for 10%), got {tolerance!r}")
+    M = _check_matrix(M)
     errors = relative_errors(M, range(min(M.shape) + 1))
     return next(r for r, e in enumerate(errors) if e <= tolerance + 1e-12)
 
 
 def matrix_with_spectrum(sigma, n: int, m: int, seed: int = 0) -> torch.Tensor:
     """A random n × m matrix whose singular values are exactly ``sigma`` (random orthonormal
-    U and V from QR decompositions of Gaussian matrices). float32."""
+    U and V from QR decompositions of Gaussian matrices). float64."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     k = len(sigma)
     if k > min(n, m):

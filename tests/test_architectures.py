@@ -5,7 +5,7 @@ import pytest
 from torch import nn
 
 from lora_course import accounting, mark_only_lora_as_trainable, replace_linear_with_lora
-from lora_course.architectures import (ARCHITECTURES, Architecture, cost_table, from_gpt_config,
+from lora_course.architectures import (ARCHITECTURES, Architecture, block_matrices, cost_table, from_gpt_config,
                                        get_architecture, lora_parameters, parameter_breakdown,
                                        total_parameters, training_memory)
 from lora_course.gpt import GPTConfig, GPTModel
@@ -41,8 +41,8 @@ def test_appendix_e_lora_count_for_gpt2_small():
 
 
 def test_lora_paper_gpt3_budgets():
-    # LoRA paper, Table 4 and §7.1: GPT-3 175B (d = 12288, 96 layers) with W_q, W_v adapted has
-    # 4.7M trainable parameters at r = 1, 18M ("18.9M") at r = 4 and 37.7M at r = 8.
+    # LoRA paper: GPT-3 175B (d = 12288, 96 layers) with W_q, W_v adapted trains 4.7M parameters
+    # at r = 1 and 37.7M at r = 8 (Table 4), and 18M at r = 4 (§7.1, Table 5).
     gpt3 = Architecture("GPT-3", 50257, 12288, 96, 96, 4 * 12288, 2048)
     assert lora_parameters(gpt3, 1, "q,v") == 4_718_592
     assert lora_parameters(gpt3, 4, "q,v") == 18_874_368
@@ -92,16 +92,25 @@ def test_memory_and_checkpoint_rows():
     n = PUBLISHED["gpt2-small"]
     assert full["memory_bytes"] == 16 * n  # weight + gradient + Adam m + Adam v, float32
     assert full["checkpoint_bytes"] == 4 * n
-    assert lora["trainable"] == 12 * 2 * 8 * (768 + 768)
-    assert lora["memory_bytes"] == 4 * n + 12 * lora["trainable"]
+    assert lora["trainable"] == 12 * 2 * 8 * (768 + 768) == 294_912
+    # LoRA stores the frozen model and A, B (4 bytes each); A and B also have a gradient and
+    # Adam's m and v (12 bytes each): 4 · (124,439,808 + 294,912) + 12 · 294,912, by hand.
+    assert lora["memory_bytes"] == 4 * (n + 294_912) + 12 * 294_912 == 502_477_824
     assert lora["checkpoint_bytes"] == 4 * lora["trainable"]
     assert training_memory(10, 10, bytes_per_value=2) == 80
     assert accounting.training_memory_bytes(0, 10)["gradients"] == 0
 
 
+def test_block_matrices_accepts_a_key():
+    assert block_matrices("gpt2-small") == block_matrices(ARCHITECTURES["gpt2-small"])
+    assert block_matrices("llama-2-7b")["gate"] == (4096, 11008)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="unknown architecture 'gpt-2'"):
         get_architecture("gpt-2")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        block_matrices("gpt-2")
     with pytest.raises(ValueError, match="unknown targets"):
         lora_parameters("gpt2-small", 8, "qv")
     with pytest.raises(ValueError, match="rank must be a positive integer"):

@@ -54,6 +54,7 @@ def test_matrix_with_spectrum_has_that_spectrum():
     M = lowrank.matrix_with_spectrum(sigma, 8, 6, seed=2)
     np.testing.assert_allclose(np.linalg.svd(M.numpy(), compute_uv=False)[:4], sigma, atol=1e-10)
     assert np.linalg.matrix_rank(M.numpy()) == 4
+    assert M.dtype == torch.float64  # as documented
 
 
 def test_energy_and_rank_for_error():
@@ -105,3 +106,12 @@ def test_clear_errors():
         lowrank.energy_captured(torch.zeros(3), 1)
     with pytest.raises(ValueError, match="at most min"):
         lowrank.matrix_with_spectrum([1, 1, 1], 2, 5)
+    with pytest.raises(ValueError, match="all zeros"):
+        lowrank.relative_errors(torch.zeros(3, 4), [1])
+    with pytest.raises(ValueError, match="tolerance must be"):
+        lowrank.rank_for_error(lowrank.random_matrix(4, 4), -0.1)
+    with pytest.raises(ValueError, match="tolerance must be"):
+        lowrank.rank_for_error(lowrank.random_matrix(4, 4), float("nan"))
+    for k in (-1, 4, 1.5):
+        with pytest.raises(ValueError, match="k must be an integer between 0 and 3"):
+            lowrank.energy_captured(torch.tensor([3.0, 2.0, 1.0]), k)
