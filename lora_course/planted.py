@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import lowrank
 from .lora import LinearWithLoRA, lora_layers
 
 # ------------------------------------------------------------------------------------------------
@@ -56,11 +57,12 @@ def planted_update(out_dim: int, in_dim: int, singular_values=PLANTED_SINGULAR_V
 
 def eckart_young_error(delta: torch.Tensor, rank: int) -> float:
     """The smallest Frobenius error any rank-``rank`` matrix can reach when approximating
-    ``delta``: sqrt of the sum of its discarded squared singular values (σ_{r+1}, σ_{r+2}, ...)."""
+    ``delta``: sqrt of the sum of its discarded squared singular values (σ_{r+1}, σ_{r+2}, ...).
+    A matrix-in wrapper around ``lowrank.eckart_young_error``, which takes the singular values."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
-    sigma = torch.linalg.svdvals(delta.double())  # descending
-    return float(torch.sqrt((sigma[rank:] ** 2).sum()))
+    sigma = lowrank.singular_values(delta)  # float64, descending
+    return lowrank.eckart_young_error(sigma, min(rank, len(sigma)))  # a rank above min(n, m) loses nothing
 
 
 def whitened_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -193,8 +195,9 @@ def lora_update_spectra(model: nn.Module, names=None) -> list[UpdateSpectrum]:
     return out
 
 
-def plot_spectra(full: list[UpdateSpectrum], lora: list[UpdateSpectrum], ax=None):
-    """Normalised singular values (σ_i / σ_1) of full-FT and LoRA updates on a log scale."""
+def plot_spectra(full: list[UpdateSpectrum], lora: list[UpdateSpectrum], ax=None, title: str | None = None):
+    """Normalised singular values (σ_i / σ_1) of full-FT and LoRA updates on a log scale. The
+    default title names the kinds of layer in the spectra ("W_query, W_value") and how many."""
     import matplotlib.pyplot as plt
 
     ax = ax or plt.subplots(figsize=(6.5, 3.6))[1]
@@ -205,7 +208,10 @@ def plot_spectra(full: list[UpdateSpectrum], lora: list[UpdateSpectrum], ax=None
         sv = s.singular_values / s.singular_values[0]
         ax.semilogy(range(1, len(sv) + 1), sv.clamp_min(1e-8), color="C1", alpha=0.6,
                     label="LoRA ΔW = s·(A·B)ᵀ" if i == 0 else None)
-    ax.set(xlabel="index i of the singular value", ylabel="σ_i / σ_1", ylim=(1e-8, 2),
-           title="Spectrum of the weight update (W_query, W_value of every block)")
+    if title is None:
+        kinds = list(dict.fromkeys(s.name.rsplit(".", 1)[-1] for s in [*full, *lora]))
+        layers = len({s.name for s in [*full, *lora]})
+        title = f"Spectrum of the weight update ({', '.join(kinds)}; {layers} layers)"
+    ax.set(xlabel="index i of the singular value", ylabel="σ_i / σ_1", ylim=(1e-8, 2), title=title)
     ax.legend()
     return ax

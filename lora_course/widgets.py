@@ -10,15 +10,17 @@ Every widget here is two layers:
 So the notebook makes each figure once with a plain, asserted call, and the unit tests drive the
 UIs without a browser (setting ``slider.value`` runs the same callbacks a drag does).
 
-Speed. A redraw must feel live (about a second on a 2-core CPU), so the lab trains a *short*
-proxy run (by default 20 AdamW steps of 16 messages, then one validation pass on 128 fixed
-messages), caches every run by its settings, computes the full fine-tuning reference once per
+Speed. A redraw must feel live (notebook 06 asserts that one that trains takes under 1.5 s of
+CPU time), so the lab trains a *short* proxy run (by default 20 AdamW steps of 16 messages, then
+one validation pass on 128 fixed messages), caches every run by its settings, computes the full fine-tuning reference once per
 lab, and draws the plot into an Image widget that is replaced in place. Runs are cached by
 (rank, s, targets, lr) where s is the resulting scaling factor: two conventions that give the
-same s for a rank (all three agree at rank 1) train the identical model, so they share one run.
+same s for a rank (all three agree at rank 1) train the identical model, so they share one run
+(``lab.cache`` holds one entry per training), shown under the label of the settings asked for.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -87,7 +89,8 @@ class RankAlphaLab:
         self.train = EncodedSplit.from_split(splits["train"])          # encoded once, reused by every run
         val = EncodedSplit.from_split(splits["val"])
         self.val = EncodedSplit(val.ids[:n_val], val.lengths[:n_val], val.labels[:n_val])
-        self.cache: dict[tuple, LabRun] = {}
+        self.cache: dict[tuple, LabRun] = {}         # (rank, s, targets, lr) -> run: one entry per training
+        self._labelled: dict[tuple, LabRun] = {}     # the settings asked for -> that run under their label
         self._full_runs: dict[float, LabRun] = {}
         self._untrained: float | None = None
 
@@ -108,6 +111,7 @@ class RankAlphaLab:
     def clear_cache(self) -> None:
         """Forget every LoRA run (the full fine-tuning reference is kept)."""
         self.cache.clear()
+        self._labelled.clear()
 
     def full_finetuning(self, lr: float) -> LabRun:
         """Full fine-tuning (every weight trains) with the same steps and batches, at ``lr``;
@@ -122,7 +126,10 @@ class RankAlphaLab:
 
     def run(self, rank: int, alpha: float, scaling: str = "alpha/rank", targets: str = DEFAULT_TARGETS,
             lr: float = 3e-3) -> LabRun:
-        """A short LoRA run with these settings (from the cache when it was trained before)."""
+        """A short LoRA run with these settings (from the cache when it was trained before).
+
+        Settings with the same rank and s share one training; the returned run's label always
+        names the settings asked for (the same object for the same settings)."""
         if targets not in TARGETS:
             raise ValueError(f"unknown targets {targets!r}: choose one of {list(TARGETS)}")
         s = lora_scaling(rank, alpha, scaling)  # validates rank, alpha and the convention's name
@@ -132,12 +139,19 @@ class RankAlphaLab:
             torch.manual_seed(self.seed)  # A's random init: the same for every run of this rank, whatever ran before
             replace_linear_with_lora(model, rank, alpha, scaling=scaling, target_modules=list(TARGETS[targets]))
             mark_only_lora_as_trainable(model, modules_to_save=["out_head"])
-            self.cache[key] = self._train(model, lr, f"LoRA r={rank}, α={alpha:g}, {scaling} (s={s:.3g})")
-        return self.cache[key]
+            self.cache[key] = self._train(model, lr, f"LoRA r={rank}, s={s:.3g}")  # any settings with this s
+        settings = (rank, float(alpha), scaling, targets, float(lr))
+        labelled = self._labelled.get(settings)
+        if labelled is None or labelled.model is not self.cache[key].model:
+            label = f"LoRA r={rank}, α={alpha:g}, {scaling} (s={s:.3g})"
+            labelled = self._labelled[settings] = dataclasses.replace(self.cache[key], label=label)
+        return labelled
 
     # -- plotting ----------------------------------------------------------------------------
     def plot(self, run: LabRun, ax=None, ylim=None):
-        """The run's validation-loss curve over the full fine-tuning reference. Returns the axes."""
+        """The run's training loss per step (thin) and its 5-step mean (thick), over the same curves of
+        the full fine-tuning reference; the legend gives each one's final validation loss and
+        accuracy. Returns the axes."""
         import matplotlib.pyplot as plt
 
         ax = ax or plt.subplots(figsize=(7, 3.8))[1]
@@ -285,7 +299,7 @@ class AlphaRankGrid:
 
 
 def alpha_rank_grid(lab: RankAlphaLab, ranks=(1, 4, 16), alphas=ALPHAS, scalings=SCALINGS,
-                    targets: str = DEFAULT_TARGETS, lr: float = 1e-3) -> AlphaRankGrid:
+                    targets: str = DEFAULT_TARGETS, lr: float = 3e-3) -> AlphaRankGrid:
     """Final validation loss of a short LoRA run for every (scaling, rank, alpha).
 
     With ranks that are powers of 4 and alphas that are powers of 2, every scaling factor s is a

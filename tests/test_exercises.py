@@ -37,6 +37,13 @@ def test_count_wrong_answers_get_specific_hints(wrong, hint):
     assert status(result) == ex.INCORRECT and hint in result.hints[0]
 
 
+def test_count_non_number_asks_for_an_int():
+    result = ex.check_lora_parameter_count(lambda i, o, r: [r * i, r * o])     # unhashable: must not crash
+    assert status(result) == ex.INCORRECT and "return an int" in result.message and "list" in result.message
+    assert status(ex.check_lora_parameter_count(lambda i, o, r: str(r * (i + o)))) == ex.INCORRECT
+    assert ex.check_lora_parameter_count(lambda i, o, r: torch.tensor(r * (i + o)))   # a 0-d tensor is a number
+
+
 def test_count_code_that_raises_is_reported():
     result = ex.check_lora_parameter_count(lambda i, o, r: i / 0)
     assert status(result) == ex.INCORRECT and "ZeroDivisionError" in result.message
@@ -59,6 +66,14 @@ def test_lora_layer_checker_keeps_its_behaviour():
     result = ex.check_lora_layer(RawAlpha)
     assert status(result) == ex.INCORRECT and "alpha / rank" in result.hints[0]
 
+    class ZeroA(LoRALayer):
+        def __init__(self, i, o, r, a):
+            super().__init__(i, o, r, a)
+            torch.nn.init.zeros_(self.A)
+
+    result = ex.check_lora_layer(ZeroA)
+    assert status(result) == ex.INCORRECT and "self.A.T" in result.hints[0]
+
 
 # ---- implement merging -----------------------------------------------------------------------
 def test_merge_right_in_place_and_placeholder():
@@ -80,6 +95,7 @@ def test_merge_right_in_place_and_placeholder():
     (lambda W, A, B, s: W - s * (A @ B).T, "unmerging"),
     (lambda W, A, B, s: s * (A @ B).T, "ΔW alone"),
     (lambda W, A, B, s: W + s * s * (A @ B).T, "applied twice"),
+    (lambda W, A, B, s: W + (A @ B).T / s, "you divided by the scaling"),
 ])
 def test_merge_wrong_answers_get_specific_hints(wrong, hint):
     result = ex.check_merge(wrong)
@@ -120,6 +136,15 @@ def test_rank_choice_wrong_answers_get_specific_hints(rank, hint):
     assert status(result) == ex.INCORRECT and hint in " ".join(result.hints + [result.message])
 
 
+def test_rank_choice_right_answer_zero_has_no_rank_minus_one():
+    sv, target = (1.0, 0.5), 2.0                     # sqrt(1 + 0.25) = 1.118 <= 2 already at rank 0
+    assert reference_rank(sv, target) == 0
+    result = ex.check_rank_choice(0, singular_values=sv, target_error=target)
+    assert result and "rank -1" not in result.message and "1.118" in result.message
+    result = ex.check_rank_choice(2, singular_values=(3.0, 2.0, 1.0), target_error=1.5)
+    assert result and "rank 1 would leave" in result.message   # sqrt(4 + 1) = 2.236 > 1.5
+
+
 def test_rank_choice_rejects_non_integers():
     assert "whole number" in ex.check_rank_choice(2.5).message
 
@@ -137,20 +162,50 @@ def test_loss_curve_answers():
 # ---- target_modules for a parameter budget ---------------------------------------------------
 def test_budget_right_answers():
     # rank 8: each 64×64 attention matrix 8·128 = 1,024 per block, each feed-forward one 8·320 = 2,560.
-    # q, v, ff.layers.0 in 4 blocks: 4·(1024 + 1024 + 2560) = 18,432 <= 20,000.
+    # q, v, ff.layers.0 in 4 blocks: 4·(1024 + 1024 + 2560) = 18,432 <= 20,000. By hand, no other
+    # choice of whole kinds does better: 2 feed-forward kinds are 20,480; 1 ff + 3 attention 22,528;
+    # 4 attention 16,384.
     result = ex.check_target_modules_for_budget(["W_query", "W_value", "ff.layers.0"])
-    assert result and "18,432" in result.message
+    assert result and "18,432" in result.message and "12 choices" in result.message   # C(4,2)·2 = 12
+    assert ex.check_target_modules_for_budget(["W_key", "out_proj", "ff.layers.2"])
     assert status(ex.check_target_modules_for_budget(None)) == ex.NOT_DONE
 
 
 @pytest.mark.parametrize("targets, text", [
     (["W_query", "W_key", "W_value", "out_proj", "ff.layers.0", "ff.layers.2"], "over the budget"),
     (["W_query"], "is reachable"),
+    (["W_query", "W_key", "W_value", "out_proj"], "16,384 parameters: within budget, but 18,432"),
     (["W_querry"], "matched no nn.Linear"),
 ])
 def test_budget_wrong_answers(targets, text):
     result = ex.check_target_modules_for_budget(targets)
     assert status(result) == ex.INCORRECT and text in result.message
+
+
+def test_budget_rejects_names_that_match_only_some_blocks():
+    # q, v, ff.layers.0 everywhere plus W_key of block 0: 18,432 + 1,024 = 19,456 <= 20,000, but
+    # not a whole kind of layer.
+    result = ex.check_target_modules_for_budget(["W_query", "W_value", "ff.layers.0", "trf_blocks.0.att.W_key"])
+    assert status(result) == ex.INCORRECT and "block(s) 0 only" in result.message
+    assert "'W_key'" in result.hints[0]
+
+
+def test_budget_best_count_comes_from_the_model():
+    from lora_course.gpt import GPTConfig, GPTModel
+
+    def factory():  # 2 blocks of width 32: attention 4·(32 + 32) = 256 per block, feed-forward 4·(32 + 128) = 640
+        torch.manual_seed(0)
+        return GPTModel(GPTConfig(vocab_size=10, emb_dim=32, n_heads=2, n_layers=2))
+
+    # Budget 2,000 at rank 4, over 2 blocks: attention kinds 512 each, feed-forward kinds 1,280 each.
+    # Best by hand: 1 ff + 1 attention = 1,792 (2 ff = 2,560 and 1 ff + 2 attention = 2,304 are over;
+    # 4 attention = 2,048 is over; 3 attention = 1,536).
+    best, choices = ex.best_budget_choices(factory(), 4, 2_000)
+    assert best == 1_792 and len(choices) == 8
+    assert ex.check_target_modules_for_budget(["W_value", "ff.layers.2"], model_factory=factory, rank=4, budget=2_000)
+    result = ex.check_target_modules_for_budget(["W_query", "W_key", "W_value"], model_factory=factory, rank=4,
+                                                budget=2_000)
+    assert status(result) == ex.INCORRECT and "1,536" in result.message and "1,792 is reachable" in result.message
 
 
 def test_repr_says_status_and_hints():

@@ -20,6 +20,27 @@ def test_eckart_young_error_matches_numpy_truncated_svd():
         assert planted.eckart_young_error(torch.tensor(m), rank) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
+def test_eckart_young_error_agrees_with_lowrank_and_allows_large_ranks():
+    from lora_course import lowrank
+
+    m = torch.tensor(np.random.default_rng(1).normal(size=(4, 6)))
+    sigma = lowrank.singular_values(m)
+    assert [planted.eckart_young_error(m, r) for r in range(5)] == [lowrank.eckart_young_error(sigma, r)
+                                                                    for r in range(5)]
+    assert planted.eckart_young_error(m, 9) == 0.0                # more rank than the matrix has: nothing lost
+
+
+def test_plot_spectra_title_names_the_layers():
+    import matplotlib.pyplot as plt
+
+    spectra = [planted.UpdateSpectrum(f"trf_blocks.{i}.att.{k}", torch.tensor([2.0, 1.0]))
+               for i in range(2) for k in ("W_key", "out_proj")]
+    assert planted.plot_spectra(spectra, spectra[:2]).get_title() == \
+        "Spectrum of the weight update (W_key, out_proj; 4 layers)"
+    assert planted.plot_spectra(spectra, [], title="mine").get_title() == "mine"
+    plt.close("all")
+
+
 def test_eckart_young_error_rejects_bad_rank():
     with pytest.raises(ValueError, match="non-negative integer"):
         planted.eckart_young_error(torch.eye(3), -1)

@@ -27,8 +27,19 @@ def test_run_counts_parameters_and_is_cached(lab):
     assert run.trainable_parameters == expected_trainable(2)
     assert len(run.train_loss) == 3 and 0 <= run.final_val_accuracy <= 1
     assert lab.run(2, 4, "alpha/rank", QV, 3e-3) is run               # same settings: from the cache
-    assert lab.run(2, 2, "alpha", QV, 3e-3) is run                    # same rank and s = 2: the same training
-    assert lab.run(2, 8, "alpha", QV, 3e-3) is not run                # s = 8: a different run
+    shared = lab.run(2, 2, "alpha", QV, 3e-3)                         # same rank and s = 2: the same training
+    assert shared.model is run.model and shared.train_loss == run.train_loss
+    assert lab.run(2, 8, "alpha", QV, 3e-3).model is not run.model    # s = 8: a different run
+
+
+def test_label_names_the_settings_asked_for(lab):
+    lab.clear_cache()
+    first = lab.run(1, 64, "alpha/rank", QV, 3e-3)                    # trains: s = 64 at rank 1
+    again = lab.run(1, 64, "alpha", QV, 3e-3)                         # s = 64 too: no new training
+    assert len(lab.cache) == 1 and again.model is first.model
+    assert first.label == "LoRA r=1, α=64, alpha/rank (s=64)"
+    assert again.label == "LoRA r=1, α=64, alpha (s=64)"
+    assert lab.run(1, 64, "alpha/rank", QV, 3e-3).label == first.label   # asking again keeps its own label
 
 
 def test_runs_do_not_depend_on_what_ran_before(lab):

@@ -1,8 +1,9 @@
 """Helpers to drive a real JupyterLab in headless Chromium (Python Playwright, Debian's chromium).
 
 ``find_chromium`` locates a browser (or says how to get one), ``running_jupyterlab`` starts a
-throw-away JupyterLab server on localhost over a folder and always stops it, and the ``wait_*``
-functions hold the few JavaScript checks the test needs. Nothing here downloads anything:
+throw-away JupyterLab server on localhost over a folder and always stops it, the ``*_JS`` strings
+hold the few JavaScript checks the test needs, and ``open_notebook`` and ``run_all_cells`` wait
+on them. Nothing here downloads anything:
 Playwright drives the installed Chromium through ``executable_path``.
 """
 from __future__ import annotations
@@ -67,9 +68,15 @@ def running_jupyterlab(root: Path, timeout: float = 60.0):
                "--ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
                "--ServerApp.port_retries=0", "--LabApp.extension_manager=readonly", "--LabApp.news_url=None",
                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
-    log = open(iso / "server.log", "wb")
-    server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    with open(iso / "server.log", "wb") as log:  # closed even when Popen itself raises
+        server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        yield from _serve(server, base, iso, timeout)
+
+
+def _serve(server: subprocess.Popen, base: str, iso: Path, timeout: float):
+    """Wait until ``server`` answers at ``base``, yield ``base``, and stop the server by its PID
+    in ``finally``, whatever happened."""
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -93,7 +100,6 @@ def running_jupyterlab(root: Path, timeout: float = 60.0):
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait(timeout=5)
-        log.close()
 
 
 # JupyterLab shows an "idle" indicator before any kernel exists ("No Kernel"); running then opens a
