@@ -3,7 +3,7 @@
 An adapter file holds only the LoRA matrices A and B (plus any fully trained modules such as a
 new classification head): for one task, r·(in + out) numbers per adapted layer instead of a
 copy of the whole model. safetensors stores raw tensor bytes and a JSON header, so loading a file
-never runs code (unlike ``torch.load`` on a pickle).
+never runs code (unlike unpickling, ``torch.load(..., weights_only=False)``).
 
 The header's metadata records what the adapter needs to be applied correctly: the adapted layers
 with their rank, alpha and scaling; the shapes of every base parameter (the architecture); a
@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .lora import LinearWithLoRA, _matches, lora_layers, lora_scaling, mark_only_lora_as_trainable
+from .lora import LinearWithLoRA, _matches, _set_submodule, lora_layers, lora_scaling, mark_only_lora_as_trainable
 
 FORMAT = "lora_course.adapter"
 VERSION = 1
@@ -271,9 +271,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
     for name, spec in meta["layers"].items():
         module = model.get_submodule(name)
         if not isinstance(module, LinearWithLoRA):
-            parent, _, child = name.rpartition(".")
-            module = LinearWithLoRA(module, spec["rank"], spec["alpha"], scaling=spec["scaling"])
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            _set_submodule(model, name, LinearWithLoRA(module, spec["rank"], spec["alpha"], scaling=spec["scaling"]))
         else:
             module.lora.alpha, module.lora.scaling_name = spec["alpha"], spec["scaling"]
             module.lora.scaling = lora_scaling(spec["rank"], spec["alpha"], spec["scaling"])
@@ -281,10 +279,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
         state = model.state_dict()
         for key, value in tensors.items():
             state[key].copy_(value)
+    set_adapter_trainable(model, trainable, modules_to_save)
+    return meta
+
+
+def set_adapter_trainable(model: nn.Module, trainable: bool, modules_to_save: Iterable[str] = ()) -> None:
+    """After loading an adapter: freeze everything (``trainable=False``, for inference, like PEFT's
+    ``from_pretrained``), or leave only LoRA's A and B and ``modules_to_save`` trainable."""
     if trainable:
         mark_only_lora_as_trainable(model, modules_to_save)
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-    return meta
 

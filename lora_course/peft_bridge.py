@@ -29,8 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import AdapterError, _check_modules_to_save
-from .lora import LinearWithLoRA, _matches, lora_layers, lora_scaling, mark_only_lora_as_trainable
+from .adapters import AdapterError, _check_modules_to_save, set_adapter_trainable
+from .lora import LinearWithLoRA, _matches, _set_submodule, lora_layers, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,6 +51,9 @@ EQUIVALENTS = [
     ("lora_state_dict(model)", "get_peft_model_state_dict(peft_model)"),
     ("export_peft_adapter(model, folder, modules_to_save=[...])", "peft_model.save_pretrained(folder)"),
     ("import_peft_adapter(model, folder)", "PeftModel.from_pretrained(model, folder)"),
+    ('scaling="alpha/sqrt(rank)"', "LoraConfig(use_rslora=True)"),
+    ('scaling="alpha"  # raw α', "LoraConfig(lora_alpha=alpha * r)"),
+    ("LinearWithLoRA(..., dropout=p)", "LoraConfig(lora_dropout=p)"),
 ]
 
 
@@ -264,12 +267,11 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
                            "call remove_lora(model) first, or load it into a fresh model")
     model_state = model.state_dict()
     for key, value in saved.items():
-        target = key
         if key not in model_state:
             raise AdapterError(f"{where!r}: tensor {key!r} (modules_to_save) has no place in this model")
-        if model_state[target].shape != value.shape:
+        if model_state[key].shape != value.shape:
             raise AdapterError(f"{where!r}: {key!r} has shape {tuple(value.shape)} in the adapter but "
-                               f"{tuple(model_state[target].shape)} in this model (build the model with the same head)")
+                               f"{tuple(model_state[key].shape)} in this model (build the model with the same head)")
 
     # All checks passed: change the model.
     scaling = "alpha/sqrt(rank)" if config.get("use_rslora") else "alpha/rank"
@@ -279,8 +281,7 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
             module = model.get_submodule(name)
             if not isinstance(module, LinearWithLoRA):
                 module = LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=dropout)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module)
+                _set_submodule(model, name, module)
             else:
                 module.lora.alpha, module.lora.scaling_name = alpha, scaling
                 module.lora.scaling = lora_scaling(rank, alpha, scaling)
@@ -289,10 +290,6 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
         state = model.state_dict()
         for key, value in saved.items():
             state[key].copy_(value)
-    if trainable:
-        mark_only_lora_as_trainable(model, config.get("modules_to_save") or ())
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    set_adapter_trainable(model, trainable, config.get("modules_to_save") or ())
     return config
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lora_course import mark_only_lora_as_trainable, merge_and_unload, replace_linear_with_lora
+from lora_course.accounting import trainable_parameters
 from lora_course.data import TOKENIZER
 from lora_course.gpt import load_pretrained_gpt
 from lora_course.peft_bridge import peft_state_dict
@@ -91,10 +92,6 @@ def build_variants(base: nn.Module, targets: list[str], rank: int, alpha: float)
                                                                 modules_to_save=["out_head"]))
     set_peft_model_state_dict(peft_model, peft_state_dict(course, ["out_head"]))
     return {"full": full, "lora_course": course, "peft": peft_model}
-
-
-def count_trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def train_memory_bytes(model: nn.Module, loss_fn) -> dict[str, int]:
@@ -178,7 +175,7 @@ def run(name, base, loss_fn, infer, targets, rank, alpha, rounds):
           f" {'(weights':>9s} {'grads':>7s} {'adam':>7s} {'activ.)':>8s}")
     for k in variants:
         mem = memory[k]
-        print(f"{k:20s} {count_trainable(variants[k]):11,d} {1e3 * med(step[k]):9.2f} {1e3 * med(inference[k]):9.2f}"
+        print(f"{k:20s} {trainable_parameters(variants[k]):11,d} {1e3 * med(step[k]):9.2f} {1e3 * med(inference[k]):9.2f}"
               f" {mem['total'] / 1e6:9.2f} {mem['weights'] / 1e6:9.2f} {mem['grads'] / 1e6:7.2f}"
               f" {mem['optimizer'] / 1e6:7.2f} {mem['activations'] / 1e6:8.2f}")
     for k in merged:  # inference only: the base model and the two merged models
@@ -213,7 +210,9 @@ def main(argv=None):
     start = time.perf_counter()
     results = {}
     base, loss_fn, infer, targets = gpt_setup(batch=32)
-    results["gpt"] = run("course GPT (emb 64, 4 blocks, 24 tokens, batch 32)", base, loss_fn, infer, targets,
+    cfg = base.cfg
+    label = f"course GPT (emb {cfg.emb_dim}, {cfg.n_layers} blocks, {cfg.context_length} tokens, batch 32)"
+    results["gpt"] = run(label, base, loss_fn, infer, targets,
                          args.rank, 2 * args.rank, args.rounds)
     base, loss_fn, infer, targets = wide_setup(batch=256)
     results["wide"] = run("6 × Linear(1024, 1024), batch 256", base, loss_fn, infer, targets,

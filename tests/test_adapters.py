@@ -13,7 +13,7 @@ from torch import nn
 
 from lora_course import (AdapterError, load_adapter, lora_disabled, lora_state_dict, mark_only_lora_as_trainable,
                          merge_lora_, read_adapter, replace_linear_with_lora, save_adapter)
-from lora_course.adapters import base_fingerprint, inspect_adapter
+from lora_course.adapters import base_fingerprint, inspect_adapter, set_adapter_trainable
 from lora_course.gpt import GPTConfig, GPTModel
 from lora_course.training import make_classifier
 
@@ -152,6 +152,17 @@ def test_trainable_flag_restores_exactly_the_adapter_parameters(tmp_path):
     d = CFG.emb_dim
     expected = CFG.n_layers * (2 * 2 * (d + d) + 2 * (d + 4 * d)) + 2 * d + 2
     assert sum(p.numel() for p in fresh.parameters() if p.requires_grad) == expected
+
+
+def test_set_adapter_trainable_freezes_all_or_keeps_exactly_lora_and_head():
+    # Shared by load_adapter and peft_bridge.import_peft_adapter. Reference: parameter names.
+    model = adapted(base_model())
+    set_adapter_trainable(model, False, ["out_head"])
+    assert not any(p.requires_grad for p in model.parameters())
+    set_adapter_trainable(model, True, ["out_head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in model.named_parameters() if n.endswith((".lora.A", ".lora.B")) or n.startswith("out_head.")}
+    assert trainable == expected and len(expected) == 2 * len(TARGETS) * CFG.n_layers + 2
 
 
 def test_different_base_weights_refused_and_model_untouched(tmp_path):
