@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import base_state
-from .lora import _matches, lora_layers, mark_only_lora_as_trainable, replace_linear_with_lora
+from .lora import LoRALayer, _matches, mark_only_lora_as_trainable, replace_linear_with_lora
 from .training import History, make_classifier, train_classifier
 
 #: LoRA placements by name (PEFT-style target_modules: names match exactly or as a dotted suffix).
@@ -135,27 +135,50 @@ def base_weights_unchanged(base: nn.Module, model: nn.Module) -> bool:
     return all(torch.equal(reference[k], current[k]) for k in reference)
 
 
-def linear_matmul_flops(model: nn.Module, tokens: int) -> dict[str, int]:
+def linear_matmul_flops(model: nn.Module, *inputs) -> dict[str, int]:
     """Multiply-add FLOPs (2 per multiply-add) of one training step in the model's Linear layers
-    for ``tokens`` = batch × sequence positions (paper §4.2; attention score matmuls and
+    and LoRA branches, for the batch ``inputs`` (paper §4.2; attention score matmuls and
     element-wise ops are left out: they cost the same with or without LoRA).
 
-    Per weight W (in × out): forward 2·T·in·out; gradient for the layer's input 2·T·in·out;
-    gradient for W another 2·T·in·out, only if W trains. A frozen W with a LoRA branch therefore
-    costs 4·T·in·out plus 6·T·r·(in + out) for the branch, against 6·T·in·out in full FT."""
+    Runs one forward pass ``model(*inputs)`` with hooks that record, for every Linear and LoRA
+    branch it calls, the number of tokens T and whether its input requires a gradient. Per weight
+    W (in × out): forward 2·T·in·out; gradient for the layer's input another 2·T·in·out, only if
+    that input requires one (block 0's query, key and value read the frozen embeddings through a
+    frozen LayerNorm: backpropagation stops there); gradient for W another 2·T·in·out, only if W
+    trains. A LoRA branch's two matmuls x·A (in × r) and (x·A)·B (r × out) are counted the same
+    way, so a frozen W with a branch costs 4·T·in·out + 6·T·r·(in + out) where its input needs a
+    gradient, against 6·T·in·out in full fine-tuning. This is what torch's ``FlopCounterMode``
+    counts for the same layers (tests/test_experiments.py)."""
+    calls: list[tuple[nn.Module, int, bool]] = []
+
+    def record(module, args, _output):
+        x = args[0]
+        calls.append((module, x.numel() // x.shape[-1], x.requires_grad))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Linear, LoRALayer))]
+    try:
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # dropout draws leave no trace
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
     forward = input_grad = weight_grad = 0
-    for _, layer in lora_layers(model):
-        r, i, o = layer.lora.rank, layer.in_features, layer.out_features
-        forward += 2 * tokens * r * (i + o)
-        input_grad += 2 * tokens * r * (i + o)
-        weight_grad += 2 * tokens * r * (i + o)
-    for module in model.modules():
+
+    def matmul(tokens, n_in, n_out, input_needs_grad, weight_trains):
+        nonlocal forward, input_grad, weight_grad
+        cost = 2 * tokens * n_in * n_out
+        forward += cost
+        input_grad += cost if input_needs_grad else 0
+        weight_grad += cost if weight_trains else 0
+
+    for module, tokens, needs_grad in calls:
         if isinstance(module, nn.Linear):
-            cost = 2 * tokens * module.in_features * module.out_features
-            forward += cost
-            input_grad += cost
-            if module.weight.requires_grad:
-                weight_grad += cost
+            matmul(tokens, module.in_features, module.out_features, needs_grad, module.weight.requires_grad)
+        else:  # LoRA branch: x·A, then (x·A)·B, whose input needs a gradient if x or A does
+            (n_in, r), n_out = module.A.shape, module.B.shape[1]
+            matmul(tokens, n_in, r, needs_grad, module.A.requires_grad)
+            matmul(tokens, r, n_out, needs_grad or module.A.requires_grad, module.B.requires_grad)
     return {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad,
             "total": forward + input_grad + weight_grad}
 

@@ -16,9 +16,9 @@ the moment memory peaks (the end of the forward pass, when the previous step's g
 optimizer state still exist and every activation for the backward pass has been saved). Saved
 activations are caught with ``torch.autograd.graph.saved_tensors_hooks``.
 
-PyTorch has no allocator statistics on the CPU (``torch.cuda.max_memory_allocated`` is GPU-only),
-which is why we count live tensors instead. What this misses: short-lived temporaries inside a
-kernel and the allocator's own overhead, which are small next to the tensors above.
+PyTorch has no peak-memory counter for the CPU like ``torch.cuda.max_memory_allocated`` (which
+is GPU-only), which is why we count live tensors instead. What this misses: short-lived
+temporaries inside a kernel and the allocator's own overhead, small next to the tensors above.
 """
 from __future__ import annotations
 

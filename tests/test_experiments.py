@@ -80,29 +80,69 @@ def test_runspec_rejects_bad_definitions(kwargs, message):
         RunSpec(**kwargs)
 
 
-def _torch_counted_flops(model, x):
+def _torch_counted_flops(model, *inputs):
+    """Independent reference: the matmul FLOPs torch's FlopCounterMode sees in a forward and
+    backward pass (mm and addmm are the Linear layers and LoRA branches; nothing else here)."""
     with FlopCounterMode(display=False) as counter:
-        model(x).sum().backward()
-    return counter.get_total_flops()
+        model(*inputs).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
+
+
+def _randomise_b(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LinearWithLoRA):
+                m.lora.B.normal_()
 
 
 def test_flop_accounting_matches_torch_flop_counter():
     torch.manual_seed(0)
     x = torch.randn(5, 7, 16, requires_grad=True)  # 35 tokens; input grad needed, as inside a network
     mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
-    assert linear_matmul_flops(mlp, 35)["total"] == _torch_counted_flops(mlp, x)
+    assert linear_matmul_flops(mlp, x)["total"] == _torch_counted_flops(mlp, x)
     replace_linear_with_lora(mlp, 2, 2)
     mark_only_lora_as_trainable(mlp)
-    with torch.no_grad():
-        for m in mlp.modules():
-            if isinstance(m, LinearWithLoRA):
-                m.lora.B.normal_()
+    _randomise_b(mlp)
     # FlopCounterMode counts x@A@B as two matmuls; ours counts them the same way
-    assert linear_matmul_flops(mlp, 35)["total"] == _torch_counted_flops(mlp, x)
-    flops = linear_matmul_flops(mlp, 35)
+    assert linear_matmul_flops(mlp, x)["total"] == _torch_counted_flops(mlp, x)
+    flops = linear_matmul_flops(mlp, x)
     dense = 2 * 35 * (16 * 32 + 32 * 8)
     assert flops["weight_grad"] == 2 * 35 * 2 * (16 + 32 + 32 + 8)  # only A and B get weight gradients
     assert flops["forward"] == dense + 2 * 35 * 2 * (16 + 32 + 32 + 8)
+
+
+def test_flop_accounting_skips_input_gradients_behind_frozen_layers():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 6))  # 24 tokens; integer ids never need a gradient
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    replace_linear_with_lora(model, 2, 2)
+    mark_only_lora_as_trainable(model)  # the embedding is frozen: the first Linear's input needs no gradient
+    _randomise_b(model)
+    flops = linear_matmul_flops(model, ids)
+    assert flops["total"] == _torch_counted_flops(model, ids)
+    # by hand: input gradients only for the second layer (32 x 8) and the B matmuls (r x out)
+    assert flops["input_grad"] == 2 * 24 * (32 * 8 + 32 * 2) + 2 * 24 * 2 * (32 + 8)
+    # with a trainable embedding the first layer's input needs a gradient again
+    model[0].weight.requires_grad_(True)
+    assert linear_matmul_flops(model, ids)["input_grad"] == flops["input_grad"] + 2 * 24 * 16 * (32 + 2)
+    assert linear_matmul_flops(model, ids)["total"] == _torch_counted_flops(model, ids)
+
+
+@pytest.mark.parametrize("spec", [RunSpec("full", 1e-3), RunSpec("r1", 1e-2, rank=1),
+                                  RunSpec("qv r4 head lora", 1e-2, rank=4, targets="q,v", head="lora")],
+                         ids=lambda s: s.name)
+def test_flop_accounting_of_the_course_classifier(base, spec):
+    model = build_model(base, spec)
+    _randomise_b(model)
+    ids = torch.randint(3, 400, (4, 12))
+    assert linear_matmul_flops(model, ids)["total"] == _torch_counted_flops(model, ids)
+
+
+def test_flop_accounting_leaves_no_hooks(base):
+    model = build_model(base, RunSpec("r1", 1e-2, rank=1))
+    linear_matmul_flops(model, torch.zeros(2, 5, dtype=torch.long))
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_format_table():
