@@ -233,13 +233,16 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, scaling: str = "alpha/rank",
-                             target_modules=None, exclude_modules=None, dropout: float = 0.0) -> LoRAReport:
+                             target_modules=None, exclude_modules=None, dropout: float = 0.0,
+                             seed: int | None = None) -> LoRAReport:
     """Wrap ``nn.Linear`` layers of ``model`` in ``LinearWithLoRA``, in place.
 
     With no ``target_modules`` every Linear is wrapped (appendix E). ``target_modules`` and
     ``exclude_modules`` follow PEFT: a list of names or name suffixes, or one regex for the full
     name. Layers that already have LoRA are never wrapped again, so re-running a notebook cell is
-    safe. Returns a ``LoRAReport`` of what was wrapped.
+    safe. ``seed`` draws the random A matrices from their own seeded stream (leaving the global
+    random state alone), so a run does not depend on how many models were built before it.
+    Returns a ``LoRAReport`` of what was wrapped.
     """
     _check_rank(rank)
     _check_alpha(alpha)
@@ -268,9 +271,12 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, scali
             )
         else:
             to_wrap.append((name, module))
-    for name, module in to_wrap:
-        _set_submodule(model, name, LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=dropout))
-        report.wrapped.append(name)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for name, module in to_wrap:
+            _set_submodule(model, name, LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=dropout))
+            report.wrapped.append(name)
     if target_modules is not None and not report.wrapped and not report.already_wrapped:
         raise ValueError(
             f"target_modules={target_modules!r} matched no nn.Linear layer of this model. "

@@ -209,3 +209,17 @@ def test_rank_too_large_for_one_layer_names_it_and_changes_nothing():
     assert not list(lora_layers(model))  # nothing was wrapped before the error
     report = replace_linear_with_lora(model, rank=8, alpha=8, exclude_modules=["3"])
     assert report.wrapped == ["0", "2.0"] and report.excluded == ["3"]
+
+
+def test_seeded_wrapping_is_reproducible_and_leaves_global_rng_alone():
+    first, second = mlp(), mlp()
+    state = torch.get_rng_state()
+    replace_linear_with_lora(first, 2, 2, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)  # moving the global stream must not change a seeded wrap
+    replace_linear_with_lora(second, 2, 2, seed=7)
+    for (_, a), (_, b) in zip(lora_layers(first), lora_layers(second)):
+        assert torch.equal(a.lora.A, b.lora.A)
+    third = mlp()
+    replace_linear_with_lora(third, 2, 2, seed=8)
+    assert not torch.equal(next(lora_layers(third))[1].lora.A, next(lora_layers(first))[1].lora.A)
