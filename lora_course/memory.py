@@ -91,7 +91,22 @@ def _sum_unique(tensors, exclude: set | None = None) -> tuple[int, set]:
 
 def measure_training_step(model: nn.Module, train, *, batch_size: int = 32, lr: float = 1e-3,
                           seed: int = 0) -> TrainingMemory:
-    """Measure the tensors alive when a classification training step peaks.
+    """Measure the tensors alive when a classification training step peaks, on one seeded batch
+    of ``train`` (see ``measure_step_memory``)."""
+    data: EncodedSplit = _encoded(train)
+    idx = torch.randint(len(data), (batch_size,), generator=torch.Generator().manual_seed(seed))
+    ids, lengths, labels = data.ids[idx], data.lengths[idx], data.labels[idx]
+
+    def loss_fn(work: nn.Module) -> torch.Tensor:
+        device = next(work.parameters()).device
+        logits = classification_logits(work, ids.to(device), lengths.to(device))
+        return F.cross_entropy(logits, labels.to(device))
+
+    return measure_step_memory(model, loss_fn, lr=lr)
+
+
+def measure_step_memory(model: nn.Module, loss_fn, *, lr: float = 1e-3) -> TrainingMemory:
+    """Measure the tensors alive when a training step of ``loss_fn(model)`` peaks.
 
     Works on a deep copy (``model`` is not changed). Runs one AdamW step so that gradients and
     optimizer states exist, as they do in every later step, then runs the forward pass of a
@@ -104,17 +119,11 @@ def measure_training_step(model: nn.Module, train, *, batch_size: int = 32, lr: 
     params = [p for p in work.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to measure a training step of")
-    data: EncodedSplit = _encoded(train)
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(data), (batch_size,), generator=generator)
-    device = params[0].device
-    ids, lengths, labels = data.ids[idx].to(device), data.lengths[idx].to(device), data.labels[idx].to(device)
     optimizer = torch.optim.AdamW(params, lr=lr)
     work.train()
 
     # Step 1: creates the gradients and AdamW's m and v, which then live for the whole run.
-    loss = F.cross_entropy(classification_logits(work, ids, lengths), labels)
-    loss.backward()
+    loss_fn(work).backward()
     optimizer.step()
 
     # Step 2, forward pass only: memory peaks here, with last step's gradients still alive.
@@ -125,7 +134,7 @@ def measure_training_step(model: nn.Module, train, *, batch_size: int = 32, lr: 
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(classification_logits(work, ids, lengths), labels)
+        loss = loss_fn(work)
 
     weights, weight_keys = _sum_unique(work.parameters())
     gradients, grad_keys = _sum_unique(p.grad for p in params if p.grad is not None)

@@ -12,9 +12,9 @@ Method
 - Step = forward + backward + AdamW update on one batch. Inference = one no-grad forward (the
   fastest of 3 back-to-back calls in each round).
 - Memory (CPU): bytes of tensors alive for training, counted, not sampled: weights + gradients +
-  AdamW state (after one step) + the activations autograd saves for backward (summed in a
-  ``saved_tensors_hooks`` pack hook, each storage counted once). That is the peak a step needs
-  beyond temporaries; it is deterministic, unlike RSS.
+  AdamW state (after one step) + the activations autograd saves for backward, each storage
+  counted once: ``lora_course.memory.measure_step_memory``, the same measurement as notebook 04.
+  That is the peak a step needs beyond temporaries; it is deterministic, unlike RSS.
 - One thread by default (``--threads``), as in the notebooks.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from lora_course import mark_only_lora_as_trainable, merge_and_unload, replace_l
 from lora_course.accounting import trainable_parameters
 from lora_course.data import TOKENIZER
 from lora_course.gpt import load_pretrained_gpt
+from lora_course.memory import measure_step_memory
 from lora_course.peft_bridge import peft_state_dict
 from lora_course.training import make_classifier
 
@@ -94,36 +95,6 @@ def build_variants(base: nn.Module, targets: list[str], rank: int, alpha: float)
     return {"full": full, "lora_course": course, "peft": peft_model}
 
 
-def train_memory_bytes(model: nn.Module, loss_fn) -> dict[str, int]:
-    """Weights + grads + AdamW state + saved activations of one step, in bytes (see module docstring)."""
-    model = copy.deepcopy(model).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    saved: dict[tuple, int] = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor):
-            storage = t.untyped_storage()
-            saved[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model)
-    # Parameters saved for backward are weights, already counted: drop their storages.
-    for p in model.parameters():
-        saved.pop((p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()), None)
-    loss.backward()
-    optimizer.step()
-    # PEFT keeps the original head beside its trainable copy; both are real tensors in memory.
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    states = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-                 if isinstance(v, torch.Tensor) and v.dim() > 0)
-    activations = sum(saved.values())
-    return {"weights": weights, "grads": grads, "optimizer": states, "activations": activations,
-            "total": weights + grads + states + activations}
-
-
 def time_step(model, optimizer, loss_fn) -> float:
     start = time.perf_counter()
     loss = loss_fn(model)
@@ -168,7 +139,7 @@ def run(name, base, loss_fn, infer, targets, rank, alpha, rounds):
         for k, m in merged.items():
             inference[k].append(time_inference(m, infer))
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    memory = {k: train_memory_bytes(m, loss_fn) for k, m in variants.items()}
+    memory = {k: measure_step_memory(m, loss_fn) for k, m in variants.items()}
 
     print(f"\n## {name}: rank {rank}, alpha {alpha}, {len(targets)} target pattern(s), {rounds} rounds")
     print(f"{'variant':20s} {'trainable':>11s} {'step ms':>9s} {'infer ms':>9s} {'train MB':>9s}"
@@ -176,18 +147,18 @@ def run(name, base, loss_fn, infer, targets, rank, alpha, rounds):
     for k in variants:
         mem = memory[k]
         print(f"{k:20s} {trainable_parameters(variants[k]):11,d} {1e3 * med(step[k]):9.2f} {1e3 * med(inference[k]):9.2f}"
-              f" {mem['total'] / 1e6:9.2f} {mem['weights'] / 1e6:9.2f} {mem['grads'] / 1e6:7.2f}"
-              f" {mem['optimizer'] / 1e6:7.2f} {mem['activations'] / 1e6:8.2f}")
+              f" {mem.total / 1e6:9.2f} {mem.weights / 1e6:9.2f} {mem.gradients / 1e6:7.2f}"
+              f" {mem.optimizer_states / 1e6:7.2f} {mem.activations / 1e6:8.2f}")
     for k in merged:  # inference only: the base model and the two merged models
         print(f"{k:20s} {'':11s} {'':9s} {1e3 * med(inference[k]):9.2f}")
     ratios = {
         "step lora_course / peft": med(step["lora_course"]) / med(step["peft"]),
         "inference lora_course / peft (unmerged)": med(inference["lora_course"]) / med(inference["peft"]),
-        "memory lora_course / peft": memory["lora_course"]["total"] / memory["peft"]["total"],
+        "memory lora_course / peft": memory["lora_course"].total / memory["peft"].total,
         "step lora_course / full": med(step["lora_course"]) / med(step["full"]),
         "step peft / full": med(step["peft"]) / med(step["full"]),
-        "memory lora_course / full": memory["lora_course"]["total"] / memory["full"]["total"],
-        "memory peft / full": memory["peft"]["total"] / memory["full"]["total"],
+        "memory lora_course / full": memory["lora_course"].total / memory["full"].total,
+        "memory peft / full": memory["peft"].total / memory["full"].total,
         "inference merged lora_course / base": med(inference["merged lora_course"]) / med(inference["base"]),
         "inference merged peft / base": med(inference["merged peft"]) / med(inference["base"]),
         "inference unmerged lora_course / base": med(inference["lora_course"]) / med(inference["base"]),

@@ -103,3 +103,17 @@ def test_training_memory_totals():
     m = TrainingMemory(weights=1, gradients=2, optimizer_states=4, activations=8)
     assert (m.states, m.total) == (7, 15)
     assert m.as_mib()["total"] == pytest.approx(15 / 2 ** 20)
+
+
+def test_measure_step_memory_takes_any_loss_and_matches_the_adamw_formula():
+    from lora_course.memory import measure_step_memory
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model[0].weight.requires_grad_(False)  # one frozen tensor: no gradient, no m and v for it
+    x = torch.randn(5, 8)
+    measured = measure_step_memory(model, lambda m: m(x).pow(2).mean())
+    n_total = sum(p.numel() for p in model.parameters())
+    n_trainable = n_total - 8 * 16
+    assert (measured.weights, measured.gradients, measured.optimizer_states) == (4 * n_total, 4 * n_trainable, 8 * n_trainable)
+    assert measured.activations > 0  # the ReLU output and the inputs saved for backward
+    assert model[0].weight.grad is None  # measured on a copy
