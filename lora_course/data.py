@@ -210,6 +210,15 @@ CONTEXT_LENGTH = 24  # the longest generated message plus <eos> fits; checked in
 # Pretraining corpus and classification tasks
 # ---------------------------------------------------------------------------------------------
 TASKS = {"spam": ("ham", "spam"), "sentiment": ("negative", "positive")}
+#: The task of the course's main experiments (notebooks 04-06 and beyond).
+MAIN_TASK = "sentiment"
+
+
+def num_classes(task: str) -> int:
+    """How many classes a task has (the size of the classification head it needs)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
+    return len(TASKS[task])
 
 
 def _unique(kinds, n: int, seed: int) -> list[tuple[str, int]]:
