@@ -9,13 +9,20 @@ Shapes come from the models' published configurations (Radford et al. 2019, GPT-
 et al. 2023, Llama 2). The unit tests check every total against the published count.
 
 Conventions: a weight matrix is described as (in_features, out_features), like nn.Linear.
-GPT-2 stores q, k and v in one fused ``c_attn`` matrix (d × 3d); we count it as three d × d
-matrices, which is the same number of weights and lets LoRA target q and v separately, as in
-the LoRA paper (§4.2, §7.1) and loralib's ``MergedLinear``.
+
+Fused or separate q, k, v. GPT-2 as OpenAI and Hugging Face ship it stores the query, key and
+value projections in one fused ``c_attn`` matrix (d × 3d); the book's GPT (and this course's)
+has three d × d layers. The model has the same number of weights either way, but LoRA does
+not: an adapter on the fused matrix is one A (d × r) and one B (r × 3d), r·(d + 3d) = 4rd
+numbers, while three separate adapters are 3·r·(d + d) = 6rd. And a fused adapter cannot adapt
+q and v without k. ``Architecture.fused_qkv`` records which layout a model has, so that the
+counts here equal what PEFT counts on the real model (``tests/test_architectures.py`` runs
+PEFT on a real-shaped ``GPT2LMHeadModel`` to check). ``with_separate_qkv`` gives the same model
+with three projections, as appendix E's model has.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .accounting import lora_parameter_count, training_memory_bytes
 from .lora import _check_rank
@@ -41,6 +48,8 @@ class Architecture:
         norm: "layernorm" (scale and shift, 2·d numbers) or "rmsnorm" (scale only, d numbers).
         tied_embeddings: the output head reuses the token embedding (GPT-2): no extra weights.
         head_bias: whether an untied output head has a bias.
+        fused_qkv: q, k and v are one (d × 3d) matrix, as GPT-2's ``c_attn``; False: three
+            d × d matrices, as in Llama and in the book's GPT.
     """
 
     name: str
@@ -56,6 +65,7 @@ class Architecture:
     norm: str = "layernorm"
     tied_embeddings: bool = True
     head_bias: bool = False
+    fused_qkv: bool = False
 
     def __post_init__(self):
         for field_name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
@@ -71,22 +81,32 @@ class Architecture:
 #: The published shapes. Totals (checked in tests/test_architectures.py): GPT-2 small
 #: 124,439,808; medium 354,823,168; large 774,030,080; XL 1,557,611,200; Llama-2-7B 6,738,415,616.
 ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2-small": Architecture("GPT-2 small", 50257, 768, 12, 12, 3072, 1024),
-    "gpt2-medium": Architecture("GPT-2 medium", 50257, 1024, 24, 16, 4096, 1024),
-    "gpt2-large": Architecture("GPT-2 large", 50257, 1280, 36, 20, 5120, 1024),
-    "gpt2-xl": Architecture("GPT-2 XL", 50257, 1600, 48, 25, 6400, 1024),
+    "gpt2-small": Architecture("GPT-2 small", 50257, 768, 12, 12, 3072, 1024, fused_qkv=True),
+    "gpt2-medium": Architecture("GPT-2 medium", 50257, 1024, 24, 16, 4096, 1024, fused_qkv=True),
+    "gpt2-large": Architecture("GPT-2 large", 50257, 1280, 36, 20, 5120, 1024, fused_qkv=True),
+    "gpt2-xl": Architecture("GPT-2 XL", 50257, 1600, 48, 25, 6400, 1024, fused_qkv=True),
     "llama-2-7b": Architecture("Llama-2-7B", 32000, 4096, 32, 32, 11008, None, mlp="swiglu",
                                qkv_bias=False, bias=False, norm="rmsnorm", tied_embeddings=False),
 }
 
-#: Which weight matrices of each block LoRA adapts, by the names used in ``block_matrices``.
-#: "q,v" is the LoRA paper's default (§7.1) and PEFT's default for GPT-2 and Llama;
-#: "all-linear" is every matrix of the block (PEFT's "all-linear", which excludes the output head).
-ATTENTION = ("q", "k", "v", "o")
+#: Which weight matrices of each block LoRA adapts, by the roles used in ``block_matrices``.
+#: "q,v" is the LoRA paper's default (§7.1) and PEFT's default for Llama; "q,k,v" is PEFT's
+#: default for GPT-2 (its fused ``c_attn``); "all-linear" is every matrix of the block (PEFT's
+#: "all-linear", which leaves out the output head).
+ATTENTION = ("q", "k", "v", "qkv", "o")
 TARGETS: dict[str, tuple[str, ...]] = {
     "q,v": ("q", "v"),
+    "q,k,v": ("q", "k", "v"),
     "attention": ("q", "k", "v", "o"),
     "all-linear": ("q", "k", "v", "o", "gate", "up", "down"),
+}
+
+#: PEFT's module names for each role: GPT-2 (Hugging Face ``GPT2LMHeadModel``, fused) and
+#: Llama (``LlamaForCausalLM``). A name matches a module whose full name ends with it.
+PEFT_MODULE_NAMES = {
+    "gpt2": {"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+              "up": "up_proj", "down": "down_proj"},
 }
 
 
@@ -109,11 +129,22 @@ def from_gpt_config(cfg, name: str = "course GPT") -> Architecture:
                         tied_embeddings=False, head_bias=False)
 
 
+def with_separate_qkv(arch: str | Architecture) -> Architecture:
+    """The same model with q, k and v as three d × d matrices (the book's GPT-2): the same
+    parameters, but other LoRA counts."""
+    arch = get_architecture(arch)
+    return replace(arch, name=f"{arch.name} (separate q, k, v)", fused_qkv=False)
+
+
 def block_matrices(arch: str | Architecture) -> dict[str, tuple[int, int]]:
-    """The weight matrices of one transformer block as name -> (in_features, out_features)."""
+    """The weight matrices of one transformer block as role -> (in_features, out_features).
+    Roles: q, k, v (or one fused qkv), o (attention output), gate, up, down (feed-forward)."""
     arch = get_architecture(arch)
     d, f = arch.d_model, arch.d_ff
-    matrices = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d)}
+    if arch.fused_qkv:
+        matrices = {"qkv": (d, 3 * d), "o": (d, d)}  # GPT-2's c_attn: output columns [q | k | v]
+    else:
+        matrices = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d)}
     if arch.mlp == "swiglu":
         matrices["gate"] = (d, f)  # silu(x W_gate) * (x W_up), then W_down
     matrices["up"] = (d, f)
@@ -147,16 +178,52 @@ def total_parameters(arch) -> int:
     return sum(parameter_breakdown(arch).values())
 
 
-def lora_parameters(arch, rank: int, targets: str = "q,v") -> int:
-    """Trainable parameters when LoRA of rank r adapts the ``targets`` matrices of every block:
-    n_layers · Σ r·(in + out) over the targeted matrices (A: in×r, B: r×out)."""
+def target_roles(arch, targets: str) -> list[str]:
+    """The roles of ``block_matrices`` that ``targets`` adapts in this architecture. With a fused
+    qkv matrix, q, k and v come together or not at all: "q,v" has no meaning there."""
     arch = get_architecture(arch)
-    _check_rank(rank)
     if targets not in TARGETS:
         raise ValueError(f"unknown targets {targets!r}; choose one of {', '.join(map(repr, TARGETS))}")
-    per_block = sum(lora_parameter_count(i, o, rank)
-                    for name, (i, o) in block_matrices(arch).items() if name in TARGETS[targets])
+    wanted = set(TARGETS[targets])
+    if arch.fused_qkv:
+        qkv = wanted & {"q", "k", "v"}
+        if qkv and qkv != {"q", "k", "v"}:
+            raise ValueError(
+                f"{arch.name} stores q, k and v in one fused matrix (GPT-2's c_attn), so LoRA cannot adapt "
+                f"{targets!r} without the rest: an adapter on c_attn adapts q, k and v together. Use 'q,k,v' "
+                f"(c_attn, PEFT's default for GPT-2) or 'attention', or count the model with separate "
+                "projections, as appendix E's model has them (architectures.with_separate_qkv).")
+        if qkv:
+            wanted = (wanted - {"q", "k", "v"}) | {"qkv"}
+    return [role for role in block_matrices(arch) if role in wanted]
+
+
+def available_targets(arch) -> list[str]:
+    """The names of ``TARGETS`` that make sense for this architecture (no "q,v" when fused)."""
+    arch = get_architecture(arch)
+    return [t for t in TARGETS if not (arch.fused_qkv and t == "q,v")]
+
+
+def lora_parameters(arch, rank: int, targets: str = "q,v") -> int:
+    """Trainable parameters when LoRA of rank r adapts the ``targets`` matrices of every block:
+    n_layers · Σ r·(in + out) over the targeted matrices (A: in×r, B: r×out). A fused qkv
+    matrix (d × 3d) counts once: r·(d + 3d), not three times r·(d + d)."""
+    arch = get_architecture(arch)
+    _check_rank(rank)
+    matrices = block_matrices(arch)
+    per_block = sum(lora_parameter_count(*matrices[role], rank) for role in target_roles(arch, targets))
     return arch.n_layers * per_block
+
+
+def peft_target_modules(arch, targets: str) -> list[str]:
+    """The ``target_modules`` to give PEFT's ``LoraConfig`` for the same adapters on the Hugging
+    Face model (GPT-2: fused; Llama: separate). PEFT's ``"all-linear"`` equals "all-linear"."""
+    arch = get_architecture(arch)
+    family = "gpt2" if arch.fused_qkv else "llama" if arch.mlp == "swiglu" else None
+    if family is None:
+        raise ValueError(f"no PEFT module names for {arch.name}: they are known for GPT-2 (fused q, k, v) "
+                         "and Llama-style (SwiGLU) models")
+    return [PEFT_MODULE_NAMES[family][role] for role in target_roles(arch, targets)]
 
 
 def training_memory(trainable: int, total: int, bytes_per_value: int = 4) -> int:
@@ -165,8 +232,27 @@ def training_memory(trainable: int, total: int, bytes_per_value: int = 4) -> int
     return sum(training_memory_bytes(trainable, total, bytes_per_value).values())
 
 
-def cost_table(arch, ranks=(8,), targets=("q,v",), bytes_per_value: int = 4) -> list[dict]:
-    """One row for full fine-tuning and one per (targets, rank) under LoRA.
+#: Bytes per parameter in mixed-precision training with AdamW (ZeRO paper, arXiv:1910.02054,
+#: §3.1): a trainable parameter keeps its 16-bit weight (2) and 16-bit gradient (2), plus a
+#: float32 master copy of the weight (4) and AdamW's two float32 moments m and v (4 + 4):
+#: 16 bytes, exactly as in float32 training. A frozen one keeps only its 16-bit weight (2).
+MIXED_PRECISION_BYTES = {"weights (16-bit)": 2, "gradients (16-bit)": 2, "master weights (fp32)": 4,
+                         "optimizer_states (fp32 m, v)": 8}
+
+
+def mixed_precision_memory(trainable: int, total: int) -> dict[str, int]:
+    """Bytes by kind in mixed-precision AdamW training (activations excluded): every parameter's
+    16-bit weight; a 16-bit gradient, a float32 master weight and float32 m and v per trainable one.
+    What mixed precision saves is in the activations and the frozen weights, not in the states."""
+    if not 0 <= trainable <= total:
+        raise ValueError(f"need 0 <= trainable <= total, got trainable={trainable}, total={total}")
+    return {"weights (16-bit)": 2 * total, "gradients (16-bit)": 2 * trainable,
+            "master weights (fp32)": 4 * trainable, "optimizer_states (fp32 m, v)": 8 * trainable}
+
+
+def cost_table(arch, ranks=(8,), targets=None, bytes_per_value: int = 4) -> list[dict]:
+    """One row for full fine-tuning and one per (targets, rank) under LoRA. ``targets`` defaults
+    to the usual first choice: "q,v", or "q,k,v" (the fused c_attn) for GPT-2.
 
     Each row: method, trainable parameters, their share of the model, training memory in bytes
     (weights, gradients, AdamW states; float32 by default) and the checkpoint a task needs
@@ -174,6 +260,7 @@ def cost_table(arch, ranks=(8,), targets=("q,v",), bytes_per_value: int = 4) -> 
     the frozen model plus A and B, and only A and B have gradients and AdamW states.
     """
     arch = get_architecture(arch)
+    targets = tuple(targets) if targets is not None else (available_targets(arch)[0],)
     total = total_parameters(arch)
     rows = [{"method": "full fine-tuning", "trainable": total, "share": 1.0,
              "memory_bytes": training_memory(total, total, bytes_per_value),
