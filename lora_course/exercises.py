@@ -58,6 +58,9 @@ def check_lora_layer(cls) -> CheckResult:
     if not isinstance(A, torch.nn.Parameter) or not isinstance(B, torch.nn.Parameter):
         return CheckResult(name, INCORRECT, "A and B must be torch.nn.Parameter, or the optimizer never sees them",
                            ["wrap the tensors: torch.nn.Parameter(torch.zeros(...))"])
+    if not A.is_floating_point() or not B.is_floating_point():
+        return CheckResult(name, INCORRECT, f"A and B must hold floating-point numbers, got A {A.dtype} and B {B.dtype}",
+                           ["create them with torch.zeros(...) / torch.empty(...), which give float32"])
     if tuple(A.shape) != (in_dim, rank) or tuple(B.shape) != (rank, out_dim):
         return CheckResult(name, INCORRECT, f"A has shape {tuple(A.shape)} and B {tuple(B.shape)}; with x of shape "
                            f"(batch, in_dim) we need A: (in_dim, rank) = {(in_dim, rank)} and B: (rank, out_dim) = "
@@ -73,24 +76,30 @@ def check_lora_layer(cls) -> CheckResult:
     # Give B values, then compare the forward pass with the formula.
     with torch.no_grad():
         B.copy_(torch.randn(rank, out_dim, generator=torch.Generator().manual_seed(1)))
-    x = torch.randn(5, in_dim, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(5, in_dim, generator=torch.Generator().manual_seed(2)).to(A.dtype)  # float64 layers get float64 x
     try:
         out = layer(x)
     except NotImplementedError:
         return _not_done(name)
     except Exception as exc:
         return CheckResult(name, INCORRECT, f"forward(x) raised {type(exc).__name__}: {exc}")
-    if out is None:
+    if out is None or out is Ellipsis:
         return _not_done(name)
-    product = (x @ A @ B).detach()
+    if not isinstance(out, torch.Tensor):
+        return CheckResult(name, INCORRECT, f"forward(x) must return a tensor, got {type(out).__name__}")
     if tuple(out.shape) != (5, out_dim):
         return CheckResult(name, INCORRECT, f"forward(x) returned shape {tuple(out.shape)}, expected {(5, out_dim)}")
+    if not out.is_floating_point():
+        return CheckResult(name, INCORRECT, f"forward(x) returned {out.dtype} values; it should return floats like x")
+    # Compare in float64, so a layer that works in another float dtype is judged on its math.
+    product = (x.double() @ A.detach().double() @ B.detach().double())
+    out = out.detach().double()
     for factor, hint in ((alpha / rank, None),
                          (alpha, "you multiplied by alpha; the course's convention is alpha / rank, so that "
                                  "changing the rank does not change the size of the update"),
                          (1.0, "you forgot the scaling factor alpha / rank"),
                          (rank / alpha, "the fraction is upside down: the scaling is alpha / rank")):
-        if torch.allclose(out.detach(), factor * product, rtol=1e-4, atol=1e-6):
+        if torch.allclose(out, factor * product, rtol=1e-4, atol=1e-6):
             if hint is None:
                 return CheckResult(name, CORRECT, "shapes match the reference, B = 0 and A != 0 at the start (A's "
                                    "distribution is not checked), and forward(x) = (alpha / rank)·x·A·B")
@@ -177,9 +186,18 @@ def check_merge(fn) -> CheckResult:
     if tuple(got.shape) != tuple(right.shape):
         return CheckResult(name, INCORRECT, f"the result has shape {tuple(got.shape)}, but W is (out × in) = "
                            f"{tuple(right.shape)}", ["A·B is (in × out): transpose it, (A @ B).T, before adding it to W"])
+    if not got.is_floating_point():
+        return CheckResult(name, INCORRECT, f"the result holds {got.dtype} values, but W, A and B are float32: "
+                           "the merged weight must keep the fractions", ["do not round or cast to an integer type"])
+    if got.dtype != W.dtype:
+        dtype_note = f" (your result is {got.dtype}; W is {W.dtype}, and merge_ writes the result back into W's dtype)"
+        got = got.to(W.dtype)
+    else:
+        dtype_note = ""
+    got = got.detach()
     if torch.allclose(got, right, atol=1e-5):
         note = " (it also changed W in place, which is fine for merge_)" if not torch.equal(W, W_before) else ""
-        return CheckResult(name, CORRECT, "W + scaling·(A·B)ᵀ matches the reference" + note)
+        return CheckResult(name, CORRECT, "W + scaling·(A·B)ᵀ matches the reference" + note + dtype_note)
     candidates = [(W_before + (A @ B).T, "you forgot the scaling factor: the update is scaling · (A·B)ᵀ"),
                   (W_before + s * s * (A @ B).T, "the scaling is applied twice"),
                   (W_before - s * (A @ B).T, "merging adds the update; subtracting it is unmerging"),
@@ -208,6 +226,19 @@ def _best_error(singular_values, rank: int) -> float:
     return float(sum(s * s for s in singular_values[rank:]) ** 0.5)
 
 
+def _check_exercise_spectrum(singular_values, target_error) -> list[float]:
+    """The exercise's own settings, checked: non-negative finite singular values and target."""
+    from .errors import check_number
+
+    if isinstance(singular_values, (str, bytes)) or not hasattr(singular_values, "__iter__"):
+        raise TypeError(f"singular_values must be a list of numbers, got {singular_values!r}")
+    values = [float(check_number(s, "each singular value", minimum=0)) for s in singular_values]
+    if not values:
+        raise ValueError("singular_values is empty")
+    check_number(target_error, "target_error", minimum=0)
+    return sorted(values, reverse=True)
+
+
 def _smallest_rank(singular_values, target: float, error) -> int:
     return next(r for r in range(len(singular_values) + 1) if error(singular_values, r) <= target)
 
@@ -219,9 +250,15 @@ def check_rank_choice(rank, singular_values=RANK_EXERCISE_SINGULAR_VALUES,
     name = "pick a rank for a target error"
     if rank is None or rank is Ellipsis:
         return _not_done(name)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        return CheckResult(name, INCORRECT, f"the rank is a whole number >= 0, got {rank!r}")
-    sv = sorted(singular_values, reverse=True)
+    if isinstance(rank, torch.Tensor) and rank.numel() == 1 and not rank.is_floating_point() \
+            and rank.dtype != torch.bool:
+        rank = rank.item()  # a 0-d integer tensor, e.g. from torch.searchsorted
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+        kind = f" ({type(rank).__name__})" if not isinstance(rank, numbers.Integral) else ""
+        return CheckResult(name, INCORRECT, f"the rank is a whole number >= 0, got {rank!r}{kind}",
+                           ["give an int, e.g. int(r)"] if isinstance(rank, numbers.Real) else [])
+    rank = int(rank)  # NumPy integers (np.int64(2)) are whole numbers too
+    sv = _check_exercise_spectrum(singular_values, target_error)
     right = _smallest_rank(sv, target_error, _best_error)
     if rank == right:
         message = f"rank {rank} leaves at best {_best_error(sv, rank):.3f} <= {target_error:g}"
@@ -317,6 +354,11 @@ def _short_name(kind: str, kinds) -> str:
 def best_budget_choices(model, rank: int, budget: int) -> tuple[int, list[tuple[str, ...]]]:
     """The most LoRA parameters any set of whole layer kinds (each in every block) adds without
     going over ``budget``, and every set of kinds that reaches it (by exhaustive search)."""
+    from .errors import check_int
+
+    rank, budget = check_int(rank, "rank", minimum=1), check_int(budget, "budget", minimum=1)
+    if not isinstance(getattr(model, "trf_blocks", None), torch.nn.Module):
+        raise TypeError(f"model must be the course GPT (with trf_blocks), got {type(model).__name__}")
     _, kinds = _layer_kinds(model, rank)
     best, choices = 0, []
     for k in range(1, len(kinds) + 1):
@@ -344,13 +386,18 @@ def check_target_modules_for_budget(target_modules, model_factory=None, rank: in
     name = "target_modules for a parameter budget"
     if target_modules is None or target_modules is Ellipsis:
         return _not_done(name)
+    from .errors import check_int
+
+    rank, budget = check_int(rank, "rank", minimum=1), check_int(budget, "budget", minimum=1)
     model_factory = model_factory or load_pretrained_gpt
+    if not callable(model_factory):
+        raise TypeError(f"model_factory must be a function that builds the model, got {type(model_factory).__name__}")
     n_blocks, kinds = _layer_kinds(model_factory(), rank)
     best, best_choices = best_budget_choices(model_factory(), rank, budget)
     model = model_factory()
     try:
         replace_linear_with_lora(model, rank, rank, target_modules=target_modules, exclude_modules=["out_head"])
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # a name that matches nothing, a list holding a non-str, ...
         return CheckResult(name, INCORRECT, str(exc), ["print(model) lists the Linear layers' names"])
     blocks_of = {}
     for layer_name, _ in lora_layers(model):

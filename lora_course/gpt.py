@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import CheckpointError
+
 PRETRAINED_PATH = Path(__file__).parent / "pretrained" / "tiny_gpt.safetensors"
 
 
@@ -120,46 +122,94 @@ class GPTModel(nn.Module):
 
 
 def save_gpt(model: GPTModel, path, extra: dict | None = None) -> None:
-    """Save weights and config as safetensors (config and ``extra`` go into the JSON header)."""
-    from safetensors.torch import save_file
+    """Save weights and config as safetensors (config and ``extra`` go into the JSON header).
 
-    meta = {"config": json.dumps(asdict(model.cfg)), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    Refused before anything is written: a model that is not a ``GPTModel``, weights with NaN or
+    inf, an ``extra`` that is not JSON, a folder as ``path`` or a missing folder. The file is
+    written whole or not at all, with ordinary permissions under the user's umask."""
+    from .adapters import _check_path, _non_finite, _save_safetensors, _write_atomically
+    from .errors import ArgumentTypeError
+
+    if not isinstance(model, GPTModel):
+        raise ArgumentTypeError(f"save_gpt saves a lora_course GPTModel, got {type(model).__name__}. For an adapted "
+                                "model save the adapter instead: save_adapter(model, path)")
+    path = _check_path(path)
+    if extra is not None and not isinstance(extra, dict):
+        raise ArgumentTypeError(f"extra must be a dict of JSON values, got {type(extra).__name__}")
+    extra = extra or {}
+    if "config" in extra or not all(isinstance(k, str) for k in extra):
+        raise CheckpointError("extra must have str keys other than 'config' (the model's config is stored "
+                              f"under it), got keys {list(extra)}")
+    try:
+        meta = {"config": json.dumps(asdict(model.cfg)), **{k: json.dumps(v, allow_nan=False) for k, v in extra.items()}}
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot save {path!r}: extra must hold finite JSON values (numbers, strings, lists, "
+                              f"dicts) ({err})") from err
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    bad = _non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"cannot save {path!r}: {bad!r} holds NaN or inf values (did training diverge?). "
+                              "Nothing was written.")
+    _write_atomically(path, _save_safetensors(state, meta), error=CheckpointError)
 
 
 def load_gpt(path=PRETRAINED_PATH) -> tuple[GPTModel, dict]:
-    """Load a model saved by ``save_gpt``: returns (model in eval mode, the header's extra info)."""
-    from safetensors import safe_open
+    """Load a model saved by ``save_gpt``: returns (model in eval mode, the header's extra info).
 
-    path = Path(path)
+    A folder, a damaged file, a file that is not a lora_course GPT checkpoint, a config that does
+    not build a model, and weights with NaN or inf are refused with a ``CheckpointError`` that
+    names the file."""
+    from .adapters import _check_path, _non_finite, _open_safetensors
+
+    path = Path(_check_path(path))
     if not path.exists():
         raise FileNotFoundError(f"no model file at {path}. The shipped base model is regenerated with "
                                 "`python -m lora_course.pretrain`.")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    meta, state = _open_safetensors(str(path), "model checkpoint", error=CheckpointError)
     if "config" not in meta:
-        raise ValueError(f"{path} is not a lora_course GPT checkpoint (no 'config' in its header)")
-    model = GPTModel(GPTConfig(**json.loads(meta.pop("config"))))
+        raise CheckpointError(f"{path} is not a lora_course GPT checkpoint (no 'config' in its header)")
+    try:
+        config = json.loads(meta.pop("config"))
+        extra = {k: json.loads(v) for k, v in meta.items()}
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: the checkpoint header is corrupted (not valid JSON: {err})") from err
+    try:
+        model = GPTModel(GPTConfig(**config))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: the config in its header does not build a GPTModel ({err})") from err
+    bad = _non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or inf values, so the checkpoint is broken "
+                              "(a diverged training run?). Regenerate or re-download it.")
     load_checked_state(model, state, source=str(path))
-    return model.eval(), {k: json.loads(v) for k, v in meta.items()}
+    return model.eval(), extra
 
 
 def load_checked_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``model.load_state_dict(state)`` with a clear message when the checkpoint belongs to a
-    different architecture: it names the first missing, unexpected or mis-shaped key."""
+    different architecture: it names the first missing, unexpected or mis-shaped key. NaN or inf
+    values are refused too. Nothing is changed unless every check passes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise TypeError(f"state must be a dict of str -> torch.Tensor (a state_dict), got {type(state).__name__}")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing:
-        raise ValueError(f"{source} is for a different architecture: it has no tensor {missing[0]!r} "
-                         f"({len(missing)} missing in all). Build the model with the checkpoint's config.")
+        raise CheckpointError(f"{source} is for a different architecture: it has no tensor {missing[0]!r} "
+                              f"({len(missing)} missing in all). Build the model with the checkpoint's config.")
     if unexpected:
-        raise ValueError(f"{source} is for a different architecture: it has {unexpected[0]!r}, which this "
-                         f"model does not ({len(unexpected)} unexpected in all)")
+        raise CheckpointError(f"{source} is for a different architecture: it has {unexpected[0]!r}, which this "
+                              f"model does not ({len(unexpected)} unexpected in all)")
     for key, value in state.items():
         if value.shape != own[key].shape:
-            raise ValueError(f"{source} is for a different architecture: {key!r} has shape "
-                             f"{tuple(value.shape)} there but {tuple(own[key].shape)} in this model")
+            raise CheckpointError(f"{source} is for a different architecture: {key!r} has shape "
+                                  f"{tuple(value.shape)} there but {tuple(own[key].shape)} in this model")
+        if value.is_floating_point() != own[key].is_floating_point():
+            raise CheckpointError(f"{source}: {key!r} holds {value.dtype} values but the model's is {own[key].dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: tensor {key!r} holds NaN or inf values; refusing to load it")
     model.load_state_dict(state)
 
 

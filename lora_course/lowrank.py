@@ -12,23 +12,69 @@ a fast-decaying spectrum is captured by a few directions, a flat one (a random m
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+from .errors import ArgumentTypeError, check_int, check_number
 
 
 def _check_matrix(M) -> torch.Tensor:
     if not isinstance(M, torch.Tensor) or M.ndim != 2:
         raise ValueError(f"expected a 2-D torch.Tensor (a matrix), got {type(M).__name__}"
                          + (f" with shape {tuple(M.shape)}" if isinstance(M, torch.Tensor) else ""))
-    return M.detach().to(torch.float64)  # SVD in float64: the identities below hold to ~1e-12
+    if M.is_complex() or M.dtype == torch.bool:
+        raise ArgumentTypeError(f"expected a real matrix, got {M.dtype}")
+    if M.numel() == 0:
+        raise ValueError(f"the matrix is empty (shape {tuple(M.shape)}): it has no singular values")
+    M = M.detach().to(torch.float64)  # SVD in float64: the identities below hold to ~1e-12
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError("the matrix holds NaN or inf values: its SVD is undefined")
+    return M
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_rank_for(M: torch.Tensor, rank) -> int:
     full = min(M.shape)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= full:
+    if not _is_whole(rank) or not 0 <= rank <= full:
         raise ValueError(f"rank must be an integer between 0 and min{tuple(M.shape)} = {full}, got {rank!r}")
-    return rank
+    return int(rank)
+
+
+def _check_spectrum(sigma, name: str = "sigma", descending: bool = True) -> torch.Tensor:
+    """Singular values: a 1-D sequence of finite numbers >= 0, in descending order unless
+    ``descending=False``. A floating-point tensor keeps its dtype; anything else becomes float64."""
+    if isinstance(sigma, (str, bytes)):
+        raise ArgumentTypeError(f"{name} must be a sequence of singular values, got a str")
+    try:
+        if not (isinstance(sigma, torch.Tensor) and sigma.is_floating_point()):
+            sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ArgumentTypeError(f"{name} must be a 1-D sequence of numbers (singular values), got "
+                                f"{type(sigma).__name__}") from err
+    if sigma.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one singular value per direction), got shape {tuple(sigma.shape)}")
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError(f"{name} holds NaN or inf values")
+    if bool((sigma < 0).any()):
+        raise ValueError(f"{name} has a negative value ({float(sigma.min()):g}); singular values are >= 0 "
+                         "(σᵢ = sqrt of an eigenvalue of MᵀM)")
+    if descending and bool((sigma[1:] > sigma[:-1]).any()):
+        raise ValueError(f"{name} must be in descending order (σ₁ >= σ₂ >= ...), as singular_values() returns them; "
+                         "sort it first: torch.sort(sigma, descending=True).values")
+    return sigma
+
+
+def _check_spectrum_and_rank(sigma, rank, name: str = "rank") -> tuple[torch.Tensor, int]:
+    sigma = _check_spectrum(sigma)
+    if not _is_whole(rank) or not 0 <= rank <= len(sigma):
+        extra = " (the number of singular values)" if name == "k" else ""
+        raise ValueError(f"{name} must be an integer between 0 and {len(sigma)}{extra}, got {rank!r}")
+    return sigma, int(rank)
 
 
 def singular_values(M: torch.Tensor) -> torch.Tensor:
@@ -57,15 +103,13 @@ def truncated_svd(M: torch.Tensor, rank: int) -> torch.Tensor:
 
 def eckart_young_error(sigma: torch.Tensor, rank: int) -> float:
     """‖M − M_r‖_F predicted from the singular values alone: sqrt of the discarded σ²."""
-    if not 0 <= rank <= len(sigma):
-        raise ValueError(f"rank must be between 0 and {len(sigma)}, got {rank}")
+    sigma, rank = _check_spectrum_and_rank(sigma, rank)  # σ >= 0 descending, 0 <= rank <= len(σ)
     return math.sqrt(float((sigma[rank:] ** 2).sum()))
 
 
 def energy_captured(sigma: torch.Tensor, k: int) -> float:
     """Share of ‖M‖_F² held by the top k singular directions: Σ_{i≤k} σᵢ² / Σ σᵢ² (between 0 and 1)."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(sigma):
-        raise ValueError(f"k must be an integer between 0 and {len(sigma)} (the number of singular values), got {k!r}")
+    sigma, k = _check_spectrum_and_rank(sigma, k, "k")
     total = float((sigma ** 2).sum())
     if total == 0:
         raise ValueError("the matrix is all zeros: it has no energy to capture")
@@ -78,13 +122,25 @@ def relative_errors(M: torch.Tensor, ranks) -> list[float]:
     norm = math.sqrt(float((sigma ** 2).sum()))
     if norm == 0:
         raise ValueError("the matrix is all zeros: its relative error is undefined (0 / 0)")
+    if isinstance(ranks, (str, bytes)) or _is_whole(ranks):
+        raise ArgumentTypeError(f"ranks must be a list of ranks (e.g. [1, 2, 4]), got {ranks!r}")
+    try:
+        ranks = list(ranks)
+    except TypeError:
+        raise ArgumentTypeError(f"ranks must be a list of ranks (e.g. [1, 2, 4]), got {type(ranks).__name__}") from None
+    for r in ranks:
+        if not _is_whole(r) or not 0 <= r <= len(sigma):
+            raise ValueError(f"every rank must be an integer between 0 and {len(sigma)}, got {r!r}")
     return [eckart_young_error(sigma, r) / norm for r in ranks]
 
 
 def rank_for_error(M: torch.Tensor, tolerance: float) -> int:
     """The smallest rank whose relative error ‖M − M_r‖_F / ‖M‖_F is at most ``tolerance``."""
-    if not 0 <= tolerance:  # also rejects NaN
-        raise ValueError(f"tolerance must be a relative error >= 0 (for example 0.1 for 10%), got {tolerance!r}")
+    hint = "for example 0.1 for 10%"
+    try:
+        tolerance = check_number(tolerance, "tolerance", minimum=0, allow_inf=True, hint=hint)
+    except ValueError:  # ArgumentTypeError included
+        raise ValueError(f"tolerance must be a relative error >= 0 ({hint}), got {tolerance!r}") from None
     M = _check_matrix(M)
     errors = relative_errors(M, range(min(M.shape) + 1))
     return next(r for r, e in enumerate(errors) if e <= tolerance + 1e-12)
@@ -92,8 +148,11 @@ def rank_for_error(M: torch.Tensor, tolerance: float) -> int:
 
 def matrix_with_spectrum(sigma, n: int, m: int, seed: int = 0) -> torch.Tensor:
     """A random n × m matrix whose singular values are exactly ``sigma`` (random orthonormal
-    U and V from QR decompositions of Gaussian matrices). float64."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    U and V from QR decompositions of Gaussian matrices). float64. ``sigma`` may come in any
+    order (the matrix has those singular values all the same); none may be negative."""
+    n, m = check_int(n, "n", minimum=1), check_int(m, "m", minimum=1)
+    seed = check_int(seed, "seed")
+    sigma = _check_spectrum(sigma, descending=False)
     k = len(sigma)
     if k > min(n, m):
         raise ValueError(f"at most min(n, m) = {min(n, m)} singular values, got {k}")
@@ -105,11 +164,14 @@ def matrix_with_spectrum(sigma, n: int, m: int, seed: int = 0) -> torch.Tensor:
 
 def random_matrix(n: int, m: int, seed: int = 0) -> torch.Tensor:
     """An n × m Gaussian matrix: its spectrum is nearly flat (no direction matters more)."""
+    n, m, seed = check_int(n, "n", minimum=1), check_int(m, "m", minimum=1), check_int(seed, "seed")
     return torch.randn(n, m, generator=torch.Generator().manual_seed(seed))
 
 
 def decaying_matrix(n: int, m: int, half_life: float = 2.0, seed: int = 0) -> torch.Tensor:
     """An n × m matrix with σᵢ = 2^(−i / half_life): each ``half_life`` directions halve σ."""
+    n, m = check_int(n, "n", minimum=1), check_int(m, "m", minimum=1)
+    half_life = check_number(half_life, "half_life", positive=True)
     k = min(n, m)
     return matrix_with_spectrum(2.0 ** (-torch.arange(k, dtype=torch.float64) / half_life), n, m, seed)
 
@@ -130,10 +192,13 @@ class RankApproximation:
 def approximate(M: torch.Tensor, rank: int) -> RankApproximation:
     """Factor M at the given rank and measure the result (no plotting)."""
     M64 = _check_matrix(M)
+    rank = _check_rank_for(M64, rank)
     A, B = low_rank_factors(M64, rank)
     sigma = singular_values(M64)
     error = float(torch.linalg.matrix_norm(M64 - A @ B))
     norm = float(torch.linalg.matrix_norm(M64))
+    if norm == 0:
+        raise ValueError("the matrix is all zeros: its relative error is undefined (0 / 0) and it has no energy")
     n, m = M64.shape
     return RankApproximation(rank, error, eckart_young_error(sigma, rank), error / norm,
                              energy_captured(sigma, rank), n * m, rank * (n + m))
@@ -147,6 +212,8 @@ def show_rank_approximation(M: torch.Tensor, rank: int, title: str = "M") -> Ran
     """
     import matplotlib.pyplot as plt
 
+    if not isinstance(title, str):
+        raise ArgumentTypeError(f"title must be a str, got {type(title).__name__}")
     result = approximate(M, rank)
     M64 = _check_matrix(M)
     approx = truncated_svd(M64, rank)
@@ -185,6 +252,9 @@ def rank_slider(M: torch.Tensor, rank: int = 1, title: str = "M"):
     import ipywidgets as widgets
 
     M64 = _check_matrix(M)
+    rank = _check_rank_for(M64, rank)  # a slider would silently clamp a rank out of its range
+    if not isinstance(title, str):
+        raise ArgumentTypeError(f"title must be a str, got {type(title).__name__}")
     slider = widgets.IntSlider(value=rank, min=0, max=min(M64.shape), step=1, description="rank r",
                                continuous_update=False)
     return widgets.interactive(show_rank_approximation, M=widgets.fixed(M64), rank=slider,

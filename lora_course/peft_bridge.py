@@ -18,19 +18,23 @@ check it against the real package independently.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import AdapterError, _check_modules_to_save, set_adapter_trainable
-from .lora import LinearWithLoRA, _matches, _set_submodule, lora_layers, lora_scaling
+from .adapters import (_check_modules_to_save, _check_path, _fsync, _non_finite, _open_safetensors,
+                       _save_safetensors, _shareable_mode, set_adapter_trainable)
+from .errors import AdapterError, check_bool, check_names
+from .lora import (LinearWithLoRA, _aliases, _check_alpha, _check_dropout, _check_model, _matches,
+                   _rank_warning_given, _set_submodule, _unsupported_reason, lora_layers, lora_scaling)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,6 +67,7 @@ EQUIVALENTS = [
 def peft_alpha(rank: int, alpha: float, scaling: str) -> tuple[float, bool]:
     """(lora_alpha, use_rslora) that give PEFT the same factor s as the course's convention."""
     lora_scaling(rank, alpha, scaling)  # validates
+    rank, alpha = int(rank), _check_alpha(alpha)
     if scaling == "alpha/rank":
         return alpha, False
     if scaling == "alpha/sqrt(rank)":
@@ -76,8 +81,8 @@ def peft_alpha(rank: int, alpha: float, scaling: str) -> tuple[float, bool]:
 def peft_state_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """The model's adapter under PEFT's on-disk key names (lora_A = Aᵀ, lora_B = Bᵀ), plus the
     parameters of ``modules_to_save``. Load it into a PeftModel with ``set_peft_model_state_dict``."""
-    modules_to_save = list(modules_to_save)
-    _check_modules_to_save(model, modules_to_save)
+    _check_model(model)
+    modules_to_save = _check_modules_to_save(model, modules_to_save)
     layers = list(lora_layers(model))
     if not layers:
         raise AdapterError("the model has no LoRA layers, so there is no adapter to export; "
@@ -100,6 +105,8 @@ def peft_config_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> d
 
     ``target_modules`` lists the adapted layers by full name. The first layer sets ``r`` and
     ``lora_alpha``; layers that differ get ``rank_pattern`` / ``alpha_pattern`` entries."""
+    _check_model(model)
+    modules_to_save = _check_modules_to_save(model, modules_to_save)
     layers = list(lora_layers(model))
     if not layers:
         raise AdapterError("the model has no LoRA layers, so there is no adapter to export")
@@ -113,7 +120,7 @@ def peft_config_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> d
         else:  # mixed conventions: give each layer the lora_alpha that makes lora_alpha / r = s
             alpha = lora.scaling * lora.rank
         specs[name] = (lora.rank, alpha)
-    dropouts = {layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0 for _, layer in layers}
+    dropouts = {layer.dropout_p for _, layer in layers}
     if len(dropouts) > 1:
         raise AdapterError(f"PEFT has one lora_dropout per adapter, but the layers use {sorted(dropouts)}")
     first_rank, first_alpha = next(iter(specs.values()))
@@ -128,7 +135,7 @@ def peft_config_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> d
         "use_rslora": use_rslora,
         "target_modules": [name for name, _ in layers],
         "exclude_modules": None,
-        "modules_to_save": list(modules_to_save) or None,
+        "modules_to_save": modules_to_save or None,
         # PEFT matches these keys as regexes against the end of a module name; "^" pins the full name.
         "rank_pattern": {"^" + re.escape(n): r for n, (r, _) in specs.items() if r != first_rank},
         "alpha_pattern": {"^" + re.escape(n): a for n, (_, a) in specs.items() if a != first_alpha},
@@ -142,18 +149,78 @@ def peft_config_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> d
     }
 
 
+def _write_folder(folder: Path, files: dict[str, Callable[[str], None]]) -> None:
+    """Write ``files`` (name -> writer) into ``folder`` whole or not at all.
+
+    A new folder is written as a temporary sibling folder and renamed into place at the end, so
+    a failure (a full disk, a config that cannot be written) leaves nothing behind. In an existing
+    folder, every file is first written completely under a temporary name, then the files are
+    renamed over the old ones (the config last); other files in the folder are left alone."""
+    if folder.exists() and not folder.is_dir():
+        raise AdapterError(f"cannot export to {str(folder)!r}: it is a file. A PEFT adapter is a folder; give a "
+                           "folder name (it is created if needed)")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AdapterError(f"cannot create the folder {str(folder.parent)!r}: {err.strerror or err}") from err
+    temporary: list[str] = []
+    try:
+        if not folder.exists():
+            tmp_folder = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp")
+            temporary.append(tmp_folder)
+            for name, write in files.items():
+                path = os.path.join(tmp_folder, name)
+                write(path)
+                _fsync(path)
+                os.chmod(path, _shareable_mode())
+            os.chmod(tmp_folder, _shareable_mode(directory=True))
+            os.rename(tmp_folder, folder)
+            return
+        written = {}
+        for name, write in files.items():
+            fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            temporary.append(path)
+            write(path)
+            _fsync(path)
+            os.chmod(path, _shareable_mode())
+            written[name] = path
+        for name, path in written.items():
+            os.replace(path, folder / name)
+    except OSError as err:
+        raise AdapterError(f"cannot write the PEFT adapter folder {str(folder)!r}: {err.strerror or err}. "
+                           "Nothing was written.") from err
+    finally:
+        for path in temporary:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+
 def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, modules_to_save: Iterable[str] = ()) -> Path:
     """Write the model's adapter as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
     ``modules_to_save`` names fully trained modules (e.g. ``["out_head"]``): PEFT restores them
-    from the file, which is the only way a new classification head survives the trip."""
-    modules_to_save = list(modules_to_save)
+    from the file, which is the only way a new classification head survives the trip. Everything
+    is checked before anything is written (no LoRA, merged LoRA, NaN or inf, mixed dropouts, a
+    file where the folder should be), and the folder is written whole or not at all, with
+    ordinary permissions under the user's umask."""
+    _check_model(model)
+    folder = Path(_check_path(folder, "folder"))
+    modules_to_save = _check_modules_to_save(model, modules_to_save)
     state = peft_state_dict(model, modules_to_save)
     config = peft_config_dict(model, modules_to_save)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "written_by": "lora_course.peft_bridge"})
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    bad = _non_finite(state)
+    if bad is not None:
+        raise AdapterError(f"cannot export the adapter: {bad!r} holds NaN or inf values (did training diverge?). "
+                           "Nothing was written.")
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_folder(folder, {
+        WEIGHTS_NAME: _save_safetensors(state, {"format": "pt", "written_by": "lora_course.peft_bridge"}),
+        CONFIG_NAME: lambda path: Path(path).write_text(config_text),
+    })
     return folder
 
 
@@ -181,30 +248,81 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def _check_config(config, where: str) -> dict:
+    """The LoraConfig fields the import uses, each checked (PEFT's defaults where absent):
+    r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, lora_dropout, modules_to_save."""
+    def bad(what: str, err: Exception | None = None) -> AdapterError:
+        return AdapterError(f"{where!r}: {CONFIG_NAME} has {what}; it is not a config PEFT writes")
+
+    if not isinstance(config, dict):
+        raise bad(f"a JSON {type(config).__name__} instead of an object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{where!r} holds a {config.get('peft_type')!r} adapter; only LORA is supported")
+    for option, allowed in _UNSUPPORTED.items():
+        if config.get(option, allowed[0]) not in allowed:
+            raise AdapterError(f"{where!r} uses {option}={config[option]!r}, which lora_course's "
+                               f"LinearWithLoRA does not implement; it supports {option}={allowed[0]!r} only")
+    checked = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise bad(f"{key}={patterns!r} (not a mapping of layer patterns to values)")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as err:
+                raise bad(f"{key} key {pattern!r}, which is not a valid regular expression ({err})", err) from err
+        checked[key] = patterns
+    for key, value in [("r", config.get("r", 8)), *[("rank_pattern", v) for v in checked["rank_pattern"].values()]]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(f"{key} value {value!r}, not a positive integer rank")
+    for key, value in [("lora_alpha", config.get("lora_alpha", 8)),
+                       *[("alpha_pattern", v) for v in checked["alpha_pattern"].values()]]:
+        try:
+            _check_alpha(value)
+        except ValueError as err:
+            raise bad(f"{key} value {value!r}, not a finite positive number", err) from err
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise bad(f"use_rslora={config['use_rslora']!r} (not true or false)")
+    try:
+        checked["lora_dropout"] = _check_dropout(config.get("lora_dropout") or 0.0)
+    except ValueError as err:
+        raise bad(f"lora_dropout={config.get('lora_dropout')!r} ({err})", err) from err
+    try:
+        checked["modules_to_save"] = check_names(config.get("modules_to_save"), "modules_to_save")
+    except ValueError as err:
+        raise bad(f"modules_to_save={config.get('modules_to_save')!r}", err) from err
+    return checked
+
+
 def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a PEFT LoRA adapter folder: returns (config dict, tensors). Raises AdapterError with a
-    clear message if the folder is not a LoRA adapter, is unreadable, or uses an option the course
-    does not implement (DoRA, bias training, Conv1D layout, ...)."""
-    folder = Path(folder)
+    clear message if the folder is not a LoRA adapter, is unreadable, uses an option the course
+    does not implement (DoRA, bias training, Conv1D layout, ...), or holds NaN or inf."""
+    folder = Path(_check_path(folder, "folder"))
+    if folder.is_file():
+        raise AdapterError(f"{str(folder)!r} is a file; a PEFT adapter is a folder holding {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME} (a lora_course adapter file is read with load_adapter)")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not config_path.exists() or not weights_path.exists():
+    if not config_path.is_file() or not weights_path.exists():
         raise FileNotFoundError(f"{str(folder)!r} is not a PEFT adapter folder: it needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME} (the .bin format is not read: it is a pickle)")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
-        raise AdapterError(f"{str(config_path)!r} is not valid JSON ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{str(folder)!r} holds a {config.get('peft_type')!r} adapter; only LORA is supported")
-    for option, allowed in _UNSUPPORTED.items():
-        if config.get(option, allowed[0]) not in allowed:
-            raise AdapterError(f"{str(folder)!r} uses {option}={config[option]!r}, which lora_course's "
-                               f"LinearWithLoRA does not implement; it supports {option}={allowed[0]!r} only")
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterError(f"cannot read {str(weights_path)!r}: truncated or not a safetensors file ({exc})") from None
+        raise AdapterError(f"{str(config_path)!r} is not valid JSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"cannot read {str(config_path)!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+    _check_config(config, str(folder))
+    _, tensors = _open_safetensors(str(weights_path), "PEFT weights file")
+    for key, value in sorted(tensors.items()):
+        if not value.is_floating_point():
+            raise AdapterError(f"{str(weights_path)!r}: tensor {key!r} holds {value.dtype} values, not floating-point "
+                               "numbers")
+    bad = _non_finite(tensors)
+    if bad is not None:
+        raise AdapterError(f"{str(weights_path)!r}: tensor {bad!r} holds NaN or inf values, which would break the "
+                           "model. Refused (the model is unchanged).")
     return config, tensors
 
 
@@ -213,12 +331,21 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
 
     The adapted layers are read from the file's keys; each gets a ``LinearWithLoRA`` with
     A = lora_Aᵀ, B = lora_Bᵀ and PEFT's scaling (``alpha/rank``, or ``alpha/sqrt(rank)`` with
-    ``use_rslora``). ``modules_to_save`` tensors (a head) are copied into the model. Every check
-    runs before the model is changed, so a refused adapter leaves it as it was. Like PEFT, the
-    result is frozen unless ``trainable=True``.
+    ``use_rslora``). ``modules_to_save`` tensors (a head) are copied into the model; the file may
+    hold no other base weight. Every check runs before the model is changed, so a refused adapter
+    leaves it exactly as it was (a model whose LoRA is merged is refused: unmerge it first). Like
+    PEFT, the result is frozen unless ``trainable=True``.
     """
+    _check_model(model)
+    trainable = check_bool(trainable, "trainable")
     config, tensors = read_peft_adapter(folder)
     where = str(folder)
+    options = _check_config(config, where)
+    merged = [name for name, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise AdapterError(f"cannot import {where!r}: the model's LoRA is merged into its weights ({merged[0]!r}, "
+                           f"{len(merged)} layer(s)); call unmerge_lora_(model) first")
+    modules_to_save = _check_modules_to_save(model, options["modules_to_save"])
     layers: dict[str, dict] = {}
     saved: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -231,6 +358,10 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
         elif "lora_" in name:
             raise AdapterError(f"{where!r}: {key!r} is a kind of LoRA tensor lora_course does not support "
                                "(only Linear layers: lora_A.weight and lora_B.weight)")
+        elif not (modules_to_save and _matches(name.rpartition(".")[0], modules_to_save)):
+            raise AdapterError(f"{where!r}: tensor {key!r} is not part of the adapter: besides lora_A and lora_B, a "
+                               f"PEFT adapter may hold only the modules its config lists in modules_to_save "
+                               f"({modules_to_save or 'none'}), never other base weights")
         else:
             saved[name] = value
     if not layers:
@@ -238,6 +369,7 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
 
     # Check every layer before touching the model.
     present = {name: layer.lora.rank for name, layer in lora_layers(model)}
+    aliases = _aliases(model)
     plan = {}
     for name, pair in sorted(layers.items()):
         if set(pair) != {"A", "B"}:
@@ -250,18 +382,24 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
         if not isinstance(module, (nn.Linear, LinearWithLoRA)):
             raise AdapterError(f"{where!r} adapts {name!r}, a {type(module).__name__} here, not an nn.Linear")
         a, b = pair["A"], pair["B"]  # (r, in), (out, r)
-        rank = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != rank or (a.shape[1], b.shape[0]) != (module.in_features, module.out_features):
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] or \
+                (a.shape[1], b.shape[0]) != (module.in_features, module.out_features):
             raise AdapterError(f"{where!r}: layer {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
                                f"which do not fit an nn.Linear({module.in_features}, {module.out_features})")
-        expected_rank = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+        rank = a.shape[0]
+        expected_rank = _pattern_value(options["rank_pattern"], name, config.get("r", 8))
         if rank != expected_rank:
             raise AdapterError(f"{where!r}: layer {name!r} has rank {rank} in the weights but {expected_rank} in the config")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        if isinstance(module, LinearWithLoRA) and module.lora.rank != rank:
-            raise AdapterError(f"{where!r}: layer {name!r} already has LoRA of rank {module.lora.rank}, the adapter "
-                               f"has rank {rank}. Call remove_lora(model) first.")
-        plan[name] = (rank, alpha)
+        alpha = _pattern_value(options["alpha_pattern"], name, config.get("lora_alpha", 8))
+        if isinstance(module, LinearWithLoRA):
+            if module.lora.rank != rank:
+                raise AdapterError(f"{where!r}: layer {name!r} already has LoRA of rank {module.lora.rank}, the "
+                                   f"adapter has rank {rank}. Call remove_lora(model) first.")
+        else:
+            reason = _unsupported_reason(model, name, module, aliases)
+            if reason:
+                raise AdapterError(f"{where!r}: {reason}")
+        plan[name] = (module, rank, alpha)
     if present and set(present) != set(plan):
         raise AdapterError(f"{where!r} adapts other layers than the LoRA layers this model has; "
                            "call remove_lora(model) first, or load it into a fresh model")
@@ -273,23 +411,28 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
             raise AdapterError(f"{where!r}: {key!r} has shape {tuple(value.shape)} in the adapter but "
                                f"{tuple(model_state[key].shape)} in this model (build the model with the same head)")
 
-    # All checks passed: change the model.
+    # Build everything that can fail before changing the model.
     scaling = "alpha/sqrt(rank)" if config.get("use_rslora") else "alpha/rank"
-    dropout = float(config.get("lora_dropout") or 0.0)
+    targets = {}
+    with _rank_warning_given():
+        for name, (module, rank, alpha) in plan.items():
+            if isinstance(module, LinearWithLoRA):
+                targets[name] = (module, False, _check_alpha(alpha), lora_scaling(rank, alpha, scaling))
+            else:
+                wrapper = LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=options["lora_dropout"])
+                targets[name] = (wrapper, True, wrapper.lora.alpha, wrapper.lora.scaling)
+
+    # All checks passed: change the model.
     with torch.no_grad():
-        for name, (rank, alpha) in plan.items():
-            module = model.get_submodule(name)
-            if not isinstance(module, LinearWithLoRA):
-                module = LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=dropout)
+        for name, (module, is_new, alpha, s) in targets.items():
+            if is_new:
                 _set_submodule(model, name, module)
             else:
-                module.lora.alpha, module.lora.scaling_name = alpha, scaling
-                module.lora.scaling = lora_scaling(rank, alpha, scaling)
+                module.lora.alpha, module.lora.scaling_name, module.lora.scaling = alpha, scaling, s
             module.lora.A.copy_(layers[name]["A"].T)
             module.lora.B.copy_(layers[name]["B"].T)
         state = model.state_dict()
         for key, value in saved.items():
             state[key].copy_(value)
-    set_adapter_trainable(model, trainable, config.get("modules_to_save") or ())
+    set_adapter_trainable(model, trainable, modules_to_save)
     return config
-

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import lowrank
+from .errors import ArgumentTypeError, check_int, check_names, check_number
 from .lora import LinearWithLoRA, lora_layers
 
 # ------------------------------------------------------------------------------------------------
@@ -36,6 +37,10 @@ PLANTED_SINGULAR_VALUES = (4.0, 3.0, 2.0, 1.0)  # r* = 4, distinct so the best r
 
 def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     """A (rows × cols) matrix with orthonormal columns (rows >= cols): Q of a Gaussian's QR."""
+    rows, cols = check_int(rows, "rows", minimum=1), check_int(cols, "cols", minimum=1)
+    if not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(f"generator must be a torch.Generator (torch.Generator().manual_seed(0)), "
+                                f"got {type(generator).__name__}")
     if cols > rows:
         raise ValueError(f"cannot have {cols} orthonormal columns in {rows} dimensions")
     q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator))
@@ -44,8 +49,13 @@ def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torc
 
 def planted_update(out_dim: int, in_dim: int, singular_values=PLANTED_SINGULAR_VALUES, seed: int = 0) -> torch.Tensor:
     """ΔW* = U · diag(σ) · Vᵀ (out × in) with the given singular values, so rank(ΔW*) = len(σ)."""
-    sigma = torch.as_tensor(singular_values, dtype=torch.float32)
-    if sigma.ndim != 1 or len(sigma) == 0 or bool((sigma <= 0).any()):
+    out_dim, in_dim = check_int(out_dim, "out_dim", minimum=1), check_int(in_dim, "in_dim", minimum=1)
+    seed = check_int(seed, "seed")
+    try:
+        sigma = torch.as_tensor(singular_values, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"singular_values must be a non-empty list of positive numbers, got {singular_values!r}") from err
+    if sigma.ndim != 1 or len(sigma) == 0 or not bool((sigma > 0).all()) or not bool(torch.isfinite(sigma).all()):
         raise ValueError(f"singular_values must be a non-empty list of positive numbers, got {singular_values!r}")
     if len(sigma) > min(out_dim, in_dim):
         raise ValueError(f"{len(sigma)} singular values do not fit in a {out_dim} × {in_dim} matrix")
@@ -59,15 +69,22 @@ def eckart_young_error(delta: torch.Tensor, rank: int) -> float:
     """The smallest Frobenius error any rank-``rank`` matrix can reach when approximating
     ``delta``: sqrt of the sum of its discarded squared singular values (σ_{r+1}, σ_{r+2}, ...).
     A matrix-in wrapper around ``lowrank.eckart_young_error``, which takes the singular values."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
+    rank = _non_negative_rank(rank)
     sigma = lowrank.singular_values(delta)  # float64, descending
     return lowrank.eckart_young_error(sigma, min(rank, len(sigma)))  # a rank above min(n, m) loses nothing
+
+
+def _non_negative_rank(rank) -> int:
+    try:
+        return check_int(rank, "rank", minimum=0)
+    except ValueError:  # ArgumentTypeError included
+        raise ValueError(f"rank must be a non-negative integer, got {rank!r}") from None
 
 
 def whitened_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     """N inputs (N × dim, N >= dim) that are exactly white: XᵀX / N = I. Then the mean squared
     output error of a linear map equals the squared Frobenius norm of its weight error."""
+    n, dim, seed = check_int(n, "n", minimum=1), check_int(dim, "dim", minimum=1), check_int(seed, "seed")
     if n < dim:
         raise ValueError(f"need at least as many inputs as dimensions to whiten (n={n} < dim={dim})")
     return math.sqrt(n) * random_orthonormal(n, dim, torch.Generator().manual_seed(seed))
@@ -88,6 +105,21 @@ def fit_lora_to_teacher(base: nn.Linear, delta_star: torch.Tensor, rank: int, *,
                         lr: float = 0.05, n_inputs: int = 64, seed: int = 0) -> PlantedFit:
     """Train a rank-``rank`` LoRA student on the frozen ``base`` to match the teacher
     ``base(x) + x ΔW*ᵀ`` on whitened inputs. Adam with cosine decay, full batch."""
+    if not isinstance(base, nn.Linear) or isinstance(base, LinearWithLoRA):
+        raise ArgumentTypeError(f"base must be a plain torch.nn.Linear (the frozen layer), got {type(base).__name__}")
+    if not isinstance(delta_star, torch.Tensor) or tuple(delta_star.shape) != (base.out_features, base.in_features):
+        shape = tuple(delta_star.shape) if isinstance(delta_star, torch.Tensor) else type(delta_star).__name__
+        raise ValueError(f"delta_star must be a tensor of shape (out, in) = {(base.out_features, base.in_features)}, "
+                         f"like base.weight; got {shape}")
+    if not delta_star.is_floating_point() or not bool(torch.isfinite(delta_star).all()):
+        raise ValueError("delta_star must hold finite floating-point values")
+    rank = check_int(rank, "rank", minimum=1)
+    steps = check_int(steps, "steps", minimum=1)
+    lr = float(check_number(lr, "lr", positive=True))
+    n_inputs, seed = check_int(n_inputs, "n_inputs", minimum=1), check_int(seed, "seed")
+    if n_inputs < base.in_features:
+        raise ValueError(f"n_inputs must be at least in_features = {base.in_features} to whiten the inputs, "
+                         f"got {n_inputs}")
     torch.manual_seed(seed)  # A's random init; B starts at zero as always in LoRA
     student = LinearWithLoRA(base, rank=rank, alpha=rank)  # scaling alpha/rank = 1: ΔW = (A·B)ᵀ
     base.requires_grad_(False)
@@ -115,14 +147,19 @@ def fit_lora_to_teacher(base: nn.Linear, delta_star: torch.Tensor, rank: int, *,
 def planted_rank_experiment(ranks=None, singular_values=PLANTED_SINGULAR_VALUES, dim: int = 32,
                             steps: int = 600, seed: int = 0) -> list[PlantedFit]:
     """Fit LoRA students of each rank (default 1 … 2·r*) to a teacher with a planted ΔW*."""
+    dim, steps, seed = check_int(dim, "dim", minimum=1), check_int(steps, "steps", minimum=1), check_int(seed, "seed")
+    delta_star = planted_update(dim, dim, singular_values, seed=seed + 100)  # checks singular_values first
     r_star = len(singular_values)
-    ranks = list(range(1, 2 * r_star + 1)) if ranks is None else list(ranks)
+    if isinstance(ranks, (str, bytes)) or (ranks is not None and not hasattr(ranks, "__iter__")):
+        raise ArgumentTypeError(f"ranks must be a list of ranks (e.g. [1, 2, 4]) or None, got {ranks!r}")
+    ranks = list(range(1, 2 * r_star + 1)) if ranks is None else [check_int(r, "each rank", minimum=1) for r in ranks]
+    if not ranks:
+        raise ValueError("ranks is empty: give at least one rank")
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(dim, dim)
     with torch.no_grad():
         base.weight.copy_(torch.randn(dim, dim, generator=g) / math.sqrt(dim))
         base.bias.zero_()
-    delta_star = planted_update(dim, dim, singular_values, seed=seed + 100)
     return [fit_lora_to_teacher(base, delta_star, r, steps=steps, seed=seed) for r in ranks]
 
 
@@ -130,6 +167,11 @@ def plot_planted(fits: list[PlantedFit], r_star: int | None = None, ax=None):
     """Measured error vs rank next to the Eckart–Young prediction. Returns the axes."""
     import matplotlib.pyplot as plt
 
+    fits = list(fits) if isinstance(fits, (list, tuple)) else fits
+    if not isinstance(fits, list) or not fits or not all(isinstance(f, PlantedFit) for f in fits):
+        raise ArgumentTypeError("fits must be a non-empty list of PlantedFit (what planted_rank_experiment returns)")
+    if r_star is not None:
+        r_star = check_int(r_star, "r_star", minimum=1)
     ax = ax or plt.subplots(figsize=(6, 3.6))[1]
     ranks = [f.rank for f in fits]
     ax.plot(ranks, [f.predicted for f in fits], "s--", color="gray", ms=9, mfc="none",
@@ -146,10 +188,18 @@ def plot_planted(fits: list[PlantedFit], r_star: int | None = None, ax=None):
 # ------------------------------------------------------------------------------------------------
 # Spectra of real updates
 # ------------------------------------------------------------------------------------------------
+def _spectrum(singular_values) -> torch.Tensor:
+    """Singular values as float64, checked: 1-D, finite, >= 0 and not all zero."""
+    sigma = lowrank._check_spectrum(singular_values, "singular_values", descending=False).to(torch.float64)
+    if not bool((sigma > 0).any()):
+        raise ValueError("the singular values are all zero (ΔW = 0): no effective rank or energy to measure")
+    return sigma
+
+
 def entropy_effective_rank(singular_values: torch.Tensor) -> float:
     """exp(Shannon entropy of p), p_i = σ_i / Σσ (Roy & Vetterli, 2007). It is k for k equal
     non-zero singular values, and between 1 and k when a few of them dominate."""
-    sigma = torch.as_tensor(singular_values, dtype=torch.float64)
+    sigma = _spectrum(singular_values)  # float64, 1-D, finite, >= 0, not all zero
     p = sigma[sigma > 0] / sigma.sum()
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -157,9 +207,10 @@ def entropy_effective_rank(singular_values: torch.Tensor) -> float:
 def energy_rank(singular_values: torch.Tensor, fraction: float = 0.9) -> int:
     """The fewest singular values whose squares hold ``fraction`` of ‖ΔW‖²_F: the rank a
     truncated SVD needs to keep that share of the update's energy."""
-    if not 0 < fraction <= 1:
+    fraction = check_number(fraction, "fraction", positive=True, hint="a share of the energy in (0, 1], e.g. 0.9")
+    if fraction > 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    energy = torch.as_tensor(singular_values, dtype=torch.float64) ** 2
+    energy = _spectrum(singular_values) ** 2
     cumulative = energy.cumsum(0) / energy.sum()
     return int((cumulative < fraction - 1e-12).sum()) + 1
 
@@ -178,7 +229,24 @@ class UpdateSpectrum:
 
 
 def full_update_spectra(before: nn.Module, after: nn.Module, names) -> list[UpdateSpectrum]:
-    """Singular values of ΔW = W_after − W_before for each named Linear (full fine-tuning)."""
+    """Singular values of ΔW = W_after − W_before for each named Linear (full fine-tuning).
+    ``names`` is a list of layer names (a single str is one name)."""
+    names = check_names(names, "names", allow_none=False)
+    for model, which in ((before, "before"), (after, "after")):
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError(f"{which} must be a torch.nn.Module, got {type(model).__name__}")
+        for name in names:
+            try:
+                weight = model.get_submodule(name).weight
+            except AttributeError:
+                raise ValueError(f"the {which!r} model has no layer {name!r} with a weight (print(model) lists "
+                                 "its layers)") from None
+            if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+                raise ValueError(f"{name!r} in the {which!r} model has no 2-D weight matrix")
+    for name in names:
+        if before.get_submodule(name).weight.shape != after.get_submodule(name).weight.shape:
+            raise ValueError(f"{name!r} has weight shape {tuple(before.get_submodule(name).weight.shape)} before and "
+                             f"{tuple(after.get_submodule(name).weight.shape)} after: not the same layer")
     out = []
     for name in names:
         delta = after.get_submodule(name).weight.detach() - before.get_submodule(name).weight.detach()
@@ -187,7 +255,17 @@ def full_update_spectra(before: nn.Module, after: nn.Module, names) -> list[Upda
 
 
 def lora_update_spectra(model: nn.Module, names=None) -> list[UpdateSpectrum]:
-    """Singular values of ΔW = s·(A·B)ᵀ for the model's LoRA layers (all, or those named)."""
+    """Singular values of ΔW = s·(A·B)ᵀ for the model's LoRA layers (all, or those named; a
+    single str is one name)."""
+    present = [name for name, _ in lora_layers(model)]
+    if not present:
+        raise ValueError("the model has no LoRA layers (add them with replace_linear_with_lora)")
+    if names is not None:
+        names = check_names(names, "names")
+        unknown = [n for n in names if n not in present]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a LoRA layer of this model; its LoRA layers are: "
+                             f"{', '.join(present[:4])}{', ...' if len(present) > 4 else ''}")
     out = []
     for name, layer in lora_layers(model):
         if names is None or name in names:
@@ -200,6 +278,14 @@ def plot_spectra(full: list[UpdateSpectrum], lora: list[UpdateSpectrum], ax=None
     default title names the kinds of layer in the spectra ("W_query, W_value") and how many."""
     import matplotlib.pyplot as plt
 
+    for which, spectra in (("full", full), ("lora", lora)):
+        if not isinstance(spectra, (list, tuple)) or not all(isinstance(s, UpdateSpectrum) for s in spectra):
+            raise ArgumentTypeError(f"{which} must be a list of UpdateSpectrum (from full_update_spectra / "
+                                    "lora_update_spectra)")
+    if not full and not lora:
+        raise ValueError("both lists of spectra are empty: nothing to plot")
+    if title is not None and not isinstance(title, str):
+        raise ArgumentTypeError(f"title must be a str or None, got {type(title).__name__}")
     ax = ax or plt.subplots(figsize=(6.5, 3.6))[1]
     for i, s in enumerate(full):
         ax.semilogy(range(1, len(s.singular_values) + 1), s.singular_values / s.singular_values[0],

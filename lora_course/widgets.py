@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .data import classification_splits
+from .errors import ArgumentTypeError, check_int, check_number
 from .lora import SCALINGS, lora_scaling, mark_only_lora_as_trainable, replace_linear_with_lora
 from .training import EncodedSplit, evaluate, make_classifier, train_classifier
 
@@ -58,6 +59,7 @@ class LabRun:
 
     def smoothed_loss(self, window: int = 5) -> np.ndarray:
         """Running mean of the training loss over ``window`` steps (fewer at the start)."""
+        window = check_int(window, "window", minimum=1)
         loss = np.asarray(self.train_loss)
         cumulative = np.concatenate([[0.0], np.cumsum(loss)])
         starts = np.maximum(np.arange(1, len(loss) + 1) - window, 0)
@@ -83,6 +85,16 @@ class RankAlphaLab:
 
     def __init__(self, base, task: str = "spam", steps: int = 20, batch_size: int = 16, n_val: int = 128,
                  full_lr: float = 1e-3, seed: int = 0):
+        if not isinstance(base, torch.nn.Module) or not hasattr(base, "out_head"):
+            raise ArgumentTypeError(f"base must be the pretrained course GPT (load_pretrained_gpt()), got "
+                                    f"{type(base).__name__}")
+        if not isinstance(task, str):
+            raise ArgumentTypeError(f"task must be a task name such as 'spam', got {task!r}")
+        steps = check_int(steps, "steps", minimum=1)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        n_val = check_int(n_val, "n_val", minimum=1)
+        full_lr = _check_lr(full_lr, "full_lr")
+        seed = check_int(seed, "seed")
         splits = classification_splits(task)
         self.base, self.task, self.steps = base, task, steps
         self.full_lr, self.batch_size, self.seed = full_lr, batch_size, seed
@@ -116,6 +128,7 @@ class RankAlphaLab:
     def full_finetuning(self, lr: float) -> LabRun:
         """Full fine-tuning (every weight trains) with the same steps and batches, at ``lr``;
         computed once per learning rate."""
+        lr = _check_lr(lr)
         if lr not in self._full_runs:
             self._full_runs[lr] = self._train(make_classifier(self.base), lr, "full fine-tuning")
         return self._full_runs[lr]
@@ -130,9 +143,9 @@ class RankAlphaLab:
 
         Settings with the same rank and s share one training; the returned run's label always
         names the settings asked for (the same object for the same settings)."""
-        if targets not in TARGETS:
-            raise ValueError(f"unknown targets {targets!r}: choose one of {list(TARGETS)}")
+        _check_targets(targets)
         s = lora_scaling(rank, alpha, scaling)  # validates rank, alpha and the convention's name
+        rank, lr = int(rank), _check_lr(lr)
         key = (rank, round(s, 12), targets, float(lr))
         if key not in self.cache:
             model = make_classifier(self.base)  # a fresh copy each time: re-running never double-wraps
@@ -154,6 +167,8 @@ class RankAlphaLab:
         accuracy. Returns the axes."""
         import matplotlib.pyplot as plt
 
+        if not isinstance(run, LabRun):
+            raise ArgumentTypeError(f"run must be a LabRun (what lab.run(...) returns), got {type(run).__name__}")
         ax = ax or plt.subplots(figsize=(7, 3.8))[1]
         ref = self.reference()
         steps = np.arange(1, self.steps + 1)
@@ -185,9 +200,28 @@ class RankAlphaLab:
         return LabUI(self, rank, alpha, scaling, targets, lr)
 
 
+def _check_lr(lr, name: str = "lr") -> float:
+    return float(check_number(lr, name, positive=True, hint="a learning rate such as 3e-3"))
+
+
+def _option(value, options):
+    """The option equal to ``value`` up to float32 rounding (np.float32(3e-3) is 3e-3), or None."""
+    return next((o for o in options if math.isclose(float(value), o, rel_tol=1e-6)), None)
+
+
+def _check_targets(targets) -> str:
+    if not isinstance(targets, str) or targets not in TARGETS:
+        raise ValueError(f"unknown targets {targets!r}: choose one of {list(TARGETS)}")
+    return targets
+
+
 def figure_png(fig) -> bytes:
     """Render a figure to PNG bytes and close it (for Image widgets)."""
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    if not isinstance(fig, Figure):
+        raise ArgumentTypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -201,13 +235,17 @@ class LabUI:
     After each redraw ``last_run`` holds the run shown, ``last_redraw_seconds`` its wall time and
     ``last_redraw_cpu_seconds`` the CPU time it used."""
 
+    #: The rank slider's range: a value outside it would be clamped silently by ipywidgets.
+    RANK_RANGE = (1, 16)
+
     def __init__(self, lab: RankAlphaLab, rank, alpha, scaling, targets, lr):
         import ipywidgets as w
 
+        rank, alpha, lr = self._check_settings(lab, rank, alpha, scaling, targets, lr)
         self.lab = lab
         style, layout = {"description_width": "110px"}, w.Layout(width="420px")
         # continuous_update=False: a drag trains once, when the mouse is released.
-        self.rank = w.IntSlider(value=rank, min=1, max=16, description="rank r", continuous_update=False,
+        self.rank = w.IntSlider(value=int(rank), min=self.RANK_RANGE[0], max=self.RANK_RANGE[1], description="rank r", continuous_update=False,
                                 style=style, layout=layout)
         self.alpha = w.SelectionSlider(options=list(ALPHAS), value=alpha, description="alpha α",
                                        continuous_update=False, style=style, layout=layout)
@@ -229,6 +267,29 @@ class LabUI:
         for control in controls:
             control.observe(lambda change: self.redraw(), names="value")
         self.redraw()
+
+    @classmethod
+    def _check_settings(cls, lab, rank, alpha, scaling, targets, lr) -> tuple:
+        """Every starting value must be one the controls can show: a slider would otherwise
+        clamp it (rank 40 shown as 16) or refuse it with a traitlets error. Returns (rank,
+        alpha, lr) as the controls' own values (np.float32(8.0) becomes the option 8)."""
+        if not isinstance(lab, RankAlphaLab):
+            raise ArgumentTypeError(f"lab must be a RankAlphaLab, got {type(lab).__name__}")
+        lora_scaling(rank, alpha, scaling)  # rank, alpha and scaling are valid at all
+        low, high = cls.RANK_RANGE
+        if not low <= rank <= high:
+            raise ValueError(f"the lab's rank slider goes from {low} to {high}, got rank {rank}. For another rank "
+                             f"call the plain function: lab.show(rank={rank}, ...)")
+        alpha_option = _option(alpha, ALPHAS)
+        if alpha_option is None:
+            raise ValueError(f"the alpha slider offers {', '.join(f'{a:g}' for a in ALPHAS)}; got {alpha!r}. "
+                             f"For another alpha call lab.show(alpha={alpha!r}, ...)")
+        _check_targets(targets)
+        lr_option = _option(_check_lr(lr), LEARNING_RATES)
+        if lr_option is None:
+            raise ValueError(f"the learning-rate slider offers {', '.join(f'{v:g}' for v in LEARNING_RATES)}; got "
+                             f"{lr!r}. For another one call lab.show(lr={lr!r}, ...)")
+        return int(rank), alpha_option, lr_option
 
     def settings(self) -> dict:
         return {"rank": self.rank.value, "alpha": self.alpha.value, "scaling": self.scaling.value,
@@ -278,14 +339,21 @@ class AlphaRankGrid:
         best = min(float(loss.min()) for loss in self.final_loss.values())
         return (self.untrained_loss + best) / 2
 
+    def _check_scaling(self, scaling) -> str:
+        if not isinstance(scaling, str) or scaling not in self.final_loss:
+            raise ValueError(f"this grid has no scaling {scaling!r}; it has {', '.join(map(repr, self.final_loss))}")
+        return scaling
+
     def best_alpha(self, scaling: str) -> list[float]:
         """For each rank, the alpha with the lowest final loss under ``scaling``."""
+        self._check_scaling(scaling)
         return [self.alphas[int(i)] for i in np.argmin(self.final_loss[scaling], axis=1)]
 
     def onset_alpha(self, scaling: str) -> list[float]:
         """For each rank, the smallest alpha whose run gets below ``threshold``: where learning
         starts. In short runs this edge is sharp, while the loss near its minimum is flat and
         bumpy, so it locates a row better than the argmin does."""
+        self._check_scaling(scaling)
         out = []
         for row in self.final_loss[scaling]:
             below = np.flatnonzero(row < self.threshold)
@@ -294,6 +362,8 @@ class AlphaRankGrid:
 
     def octaves_moved(self, scaling: str, which: str = "onset") -> float:
         """How far the onset (or best) alpha moves across the ranks, in factors of 2."""
+        if which not in ("onset", "best"):
+            raise ValueError(f"which must be 'onset' or 'best', got {which!r}")
         values = self.onset_alpha(scaling) if which == "onset" else self.best_alpha(scaling)
         return math.log2(max(values) / min(values))
 
@@ -304,7 +374,19 @@ def alpha_rank_grid(lab: RankAlphaLab, ranks=(1, 4, 16), alphas=ALPHAS, scalings
 
     With ranks that are powers of 4 and alphas that are powers of 2, every scaling factor s is a
     power of 2, so many cells of the three grids are the same run (same rank and s) and the
-    lab's cache trains each only once."""
+    lab's cache trains each only once. Every setting is checked before the first run."""
+    if not hasattr(lab, "run") or not hasattr(lab, "untrained_loss"):
+        raise ArgumentTypeError(f"lab must be a RankAlphaLab, got {type(lab).__name__}")
+    for what, values in (("ranks", ranks), ("alphas", alphas), ("scalings", scalings)):
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not list(values):
+            raise ValueError(f"{what} must be a non-empty list, got {values!r}")
+    ranks, alphas, scalings = list(ranks), list(alphas), list(scalings)
+    for sc in scalings:
+        for r in ranks:
+            for a in alphas:
+                lora_scaling(r, a, sc)  # each combination valid before anything trains
+    _check_targets(targets)
+    lr = _check_lr(lr)
     losses = {sc: np.array([[lab.run(r, a, sc, targets, lr).final_val_loss for a in alphas] for r in ranks])
               for sc in scalings}
     distinct = {(r, round(lora_scaling(r, a, sc), 12)) for sc in scalings for r in ranks for a in alphas}
@@ -316,7 +398,13 @@ def plot_alpha_rank_heatmaps(grid: AlphaRankGrid, scalings=None, axes=None, vmax
     with the lowest loss of each row circled and the first alpha that learns marked. Returns the axes."""
     import matplotlib.pyplot as plt
 
-    scalings = list(scalings or grid.final_loss)
+    if not isinstance(grid, AlphaRankGrid):
+        raise ArgumentTypeError(f"grid must be an AlphaRankGrid (from alpha_rank_grid), got {type(grid).__name__}")
+    scalings = [scalings] if isinstance(scalings, str) else list(scalings or grid.final_loss)
+    for sc in scalings:
+        grid._check_scaling(sc)
+    if vmax is not None:
+        vmax = check_number(vmax, "vmax")
     if axes is None:
         _, axes = plt.subplots(1, len(scalings), figsize=(4.3 * len(scalings), 3.6), squeeze=False,
                                layout="constrained")
@@ -346,6 +434,8 @@ def heatmap_ui(grid: AlphaRankGrid):
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
+    if not isinstance(grid, AlphaRankGrid):
+        raise ArgumentTypeError(f"grid must be an AlphaRankGrid (from alpha_rank_grid), got {type(grid).__name__}")
     choice = w.ToggleButtons(options=list(grid.final_loss), description="scaling")
     image = w.Image(format="png")
 

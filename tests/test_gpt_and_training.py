@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from lora_course.data import TOKENIZER, classification_splits, encode_batch, lm_batch
+from lora_course.data import CONTEXT_LENGTH, TOKENIZER, classification_splits, encode_batch, lm_batch
 from lora_course.gpt import GPTConfig, GPTModel, MultiHeadAttention, load_checked_state, load_gpt, save_gpt
 from lora_course.training import EncodedSplit, evaluate, make_classifier, train_classifier
 
-CFG = GPTConfig(vocab_size=len(TOKENIZER), context_length=24, emb_dim=32, n_heads=4, n_layers=2)
+CFG = GPTConfig(vocab_size=len(TOKENIZER), context_length=CONTEXT_LENGTH, emb_dim=32, n_heads=4, n_layers=2)
 
 
 def test_attention_matches_torch_multihead_attention():
@@ -50,10 +50,10 @@ def test_save_load_round_trip_and_architecture_mismatch(tmp_path):
     loaded, info = load_gpt(tmp_path / "m.safetensors")
     assert info == {"val_loss": 1.5}
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    other = GPTModel(GPTConfig(vocab_size=len(TOKENIZER), context_length=24, emb_dim=48, n_heads=4, n_layers=2))
+    other = GPTModel(GPTConfig(vocab_size=len(TOKENIZER), context_length=CONTEXT_LENGTH, emb_dim=48, n_heads=4, n_layers=2))
     with pytest.raises(ValueError, match=r"different architecture: 'tok_emb.weight' has shape \(\d+, 32\) there but \(\d+, 48\)"):
         load_checked_state(other, model.state_dict(), source="m.safetensors")
-    deeper = GPTModel(GPTConfig(vocab_size=len(TOKENIZER), context_length=24, emb_dim=32, n_heads=4, n_layers=3))
+    deeper = GPTModel(GPTConfig(vocab_size=len(TOKENIZER), context_length=CONTEXT_LENGTH, emb_dim=32, n_heads=4, n_layers=3))
     with pytest.raises(ValueError, match=r"has no tensor 'trf_blocks.2"):
         load_checked_state(deeper, model.state_dict())
 
@@ -67,7 +67,7 @@ def test_make_classifier_copies_and_training_learns():
     torch.manual_seed(0)
     base = GPTModel(CFG)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    splits = classification_splits("spam", n_train=256, n_val=128, n_test=0)
+    splits = classification_splits("spam", n_train=256, n_val=128, n_test=2)
     model = make_classifier(base, seed=1)
     assert model.out_head.out_features == 2 and base.out_head.out_features == len(TOKENIZER)
     # Same seed, same head: runs are comparable.
@@ -83,7 +83,7 @@ def test_make_classifier_copies_and_training_learns():
 def test_training_is_repeatable():
     torch.manual_seed(0)
     base = GPTModel(CFG)
-    splits = classification_splits("sentiment", n_train=128, n_val=64, n_test=0)
+    splits = classification_splits("spam", n_train=128, n_val=64, n_test=2)
     train = EncodedSplit.from_split(splits["train"])
     runs = [train_classifier(make_classifier(base), train, splits["val"], steps=10, eval_every=10, progress=False)
             for _ in range(2)]
@@ -94,7 +94,7 @@ def test_training_without_trainable_parameters_is_refused():
     model = make_classifier(GPTModel(CFG))
     for p in model.parameters():
         p.requires_grad_(False)
-    splits = classification_splits("spam", n_train=8, n_val=8, n_test=0)
+    splits = classification_splits("spam", n_train=8, n_val=8, n_test=2)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train_classifier(model, splits["train"], splits["val"], steps=1, progress=False)
 

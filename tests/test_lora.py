@@ -1,11 +1,13 @@
 """LoRA layers and model surgery, checked against dense references computed with plain PyTorch."""
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lora_course.errors import RankAboveMatrixRankWarning
 from lora_course import (LinearWithLoRA, LoRALayer, expected_lora_parameters, lora_disabled, lora_layers,
                          lora_parameter_count, lora_scaling, mark_only_lora_as_trainable, merge_and_unload,
                          merge_lora_, remove_lora, replace_linear_with_lora, total_parameters,
@@ -87,9 +89,18 @@ def test_bad_rank(rank):
         LinearWithLoRA(nn.Linear(4, 4), rank, 1)
 
 
-def test_rank_larger_than_layer():
-    with pytest.raises(ValueError, match=r"rank 5 is larger than min\(in_features, out_features\)"):
-        LinearWithLoRA(nn.Linear(8, 4), 5, 1)
+def test_rank_larger_than_layer_warns_and_counts_like_peft():
+    # A·B of an 8 -> 4 layer cannot have rank above 4: rank 5 is allowed (appendix E, PEFT) but warned about.
+    with pytest.warns(RankAboveMatrixRankWarning, match=r"rank 5 .*\(8 -> 4\).*cannot have rank above min\(in_features, "
+                                                        r"out_features\) = 4.*only add parameters: 60 instead of 48"):
+        layer = LinearWithLoRA(nn.Linear(8, 4), 5, 1)
+    assert layer.lora.A.shape == (8, 5) and layer.lora.B.shape == (5, 4)
+    assert sum(p.numel() for p in layer.lora.parameters()) == lora_parameter_count(8, 4, 5) == 5 * (8 + 4)
+    product = torch.randn(8, 5) @ torch.randn(5, 4)
+    assert torch.linalg.matrix_rank(product) == 4  # the lesson: the extra column adds no rank
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rank <= min(in, out): no warning at all
+        LinearWithLoRA(nn.Linear(8, 4), 4, 1)
 
 
 @pytest.mark.parametrize("alpha", [0, -1, float("nan"), float("inf"), "8", None])
@@ -201,14 +212,31 @@ def test_training_leaves_base_weights_bit_for_bit():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_rank_too_large_for_one_layer_names_it_and_changes_nothing():
+def test_rank_too_large_for_one_layer_warns_once_naming_it():
     model = mlp()  # its last layer is 16 -> 4
-    with pytest.raises(ValueError, match=r"rank 8 is larger than layer '3' allows \(16 -> 4, so at most rank 4\)"
-                                         r".*exclude_modules=\['3'\]"):
-        replace_linear_with_lora(model, rank=8, alpha=8)
-    assert not list(lora_layers(model))  # nothing was wrapped before the error
-    report = replace_linear_with_lora(model, rank=8, alpha=8, exclude_modules=["3"])
-    assert report.wrapped == ["0", "2.0"] and report.excluded == ["3"]
+    with pytest.warns(RankAboveMatrixRankWarning) as record:
+        report = replace_linear_with_lora(model, rank=8, alpha=8)
+    assert len(record) == 1 and "layer '3' (16 -> 4)" in str(record[0].message)
+    assert "exclude_modules=['3']" in str(record[0].message)
+    assert record[0].filename == __file__  # the warning points at the caller's line, not the package
+    assert report.wrapped == ["0", "2.0", "3"]
+    assert expected_lora_parameters(model) == 8 * (8 + 16) + 8 * (16 + 16) + 8 * (16 + 4)
+
+
+def test_rewrapping_with_other_settings_is_refused_same_settings_is_a_no_op():
+    model = mlp()
+    replace_linear_with_lora(model, rank=2, alpha=4, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    again = replace_linear_with_lora(model, rank=2, alpha=4.0, seed=1)  # same settings (4 == 4.0): nothing happens
+    assert again.wrapped == [] and again.already_wrapped == ["0", "2.0", "3"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for kwargs in ({"rank": 8, "alpha": 4}, {"rank": 2, "alpha": 8}, {"rank": 2, "alpha": 4, "scaling": "alpha"},
+                   {"rank": 2, "alpha": 4, "dropout": 0.1}):
+        with pytest.raises(ValueError, match=r"layer '0' already has LoRA of rank 2 .*remove_lora\(model\) first"):
+            replace_linear_with_lora(model, **kwargs)
+    assert all(layer.lora.rank == 2 for _, layer in lora_layers(model))
+    remove_lora(model)
+    assert replace_linear_with_lora(model, rank=8, alpha=4, exclude_modules=["3"]).wrapped == ["0", "2.0"]
 
 
 def test_seeded_wrapping_is_reproducible_and_leaves_global_rng_alone():
@@ -223,3 +251,21 @@ def test_seeded_wrapping_is_reproducible_and_leaves_global_rng_alone():
     third = mlp()
     replace_linear_with_lora(third, 2, 2, seed=8)
     assert not torch.equal(next(lora_layers(third))[1].lora.A, next(lora_layers(first))[1].lora.A)
+
+
+def test_appendix_e_counts_on_gpt2_small_shapes():
+    # Appendix E: GPT-2 124M, a new 768 -> 2 head, then LoRA rank 16 on every Linear (the head
+    # included, above its matrix rank of 2): 2,666,528 trainable of 127,107,874. Built on the meta
+    # device (shapes only, no memory, no download).
+    from lora_course.errors import RankAboveMatrixRankWarning
+    from lora_course.gpt import GPTConfig, GPTModel
+    from lora_course.training import make_classifier
+
+    cfg = GPTConfig(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12, qkv_bias=True)
+    with torch.device("meta"):
+        model = make_classifier(GPTModel(cfg))
+    assert total_parameters(model) == 124_441_346
+    with pytest.warns(RankAboveMatrixRankWarning, match="layer 'out_head'"):
+        replace_linear_with_lora(model, rank=16, alpha=16)
+    assert mark_only_lora_as_trainable(model) == 2_666_528 == expected_lora_parameters(model)
+    assert total_parameters(model) == 127_107_874

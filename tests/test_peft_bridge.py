@@ -179,3 +179,24 @@ def test_dropout_is_exported():
     course = copy.deepcopy(classifier())
     replace_linear_with_lora(course, 2, 2, target_modules=["W_query"], dropout=0.1)
     assert peft_config_dict(course)["lora_dropout"] == 0.1
+
+
+def test_rank_above_min_in_out_is_accepted_and_counted_as_peft_does(tmp_path):
+    # Appendix E puts rank 16 on the new 768 -> 2 head; PEFT accepts it and trains 16·(768 + 2).
+    from lora_course.errors import RankAboveMatrixRankWarning
+
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("head", nn.Linear(768, 2))
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=16, target_modules=["head"]))
+    peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert peft_trainable == 16 * (768 + 2) == 12_320
+    course = copy.deepcopy(base)
+    with pytest.warns(RankAboveMatrixRankWarning, match=r"layer 'head' \(768 -> 2\)"):
+        replace_linear_with_lora(course, rank=16, alpha=16)
+    assert mark_only_lora_as_trainable(course) == peft_trainable
+    randomize(course, names=("lora.B",))
+    export_peft_adapter(course, tmp_path / "r16")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "r16").eval()
+    x = torch.randn(3, 768)
+    torch.testing.assert_close(loaded(x), course(x), rtol=1e-5, atol=1e-5)
