@@ -1,173 +1,34 @@
-"""A small generated language, its tokenizer, the pretraining corpus and two downstream tasks.
+"""The course's data: a word tokenizer, the pretraining corpus and the two classification tasks.
 
-Nothing is downloaded: every sentence comes from the grammar below, seeded, so the same seed gives
-the same data on every machine. The language is a simple English of text messages and short
-reviews with a vocabulary of about 500 words:
+Everything comes from the generated language of ``language.py`` (seeded; nothing downloaded):
 
-- everyday messages between friends ("ham"), which often use words that spam uses too
-  ("free", "call", "won", "offer", "reply");
-- spam messages, some of which sound friendly ("hi sam , are you free tonight ? ...");
-- short reviews whose sentiment depends on word order ("the stew was awful but the staff was so
-  fantastic" is positive; "the cake was not fresh" is negative).
+- ``"aspect"`` (the main task, 6 classes): which aspect of an evening out does a review praise?
+  Two aspects are judged, exactly one favourably. Counting words cannot answer it:
+  every review holds the same mix of praising and criticising words, and the model must bind
+  each verdict to its noun, across "not", "could have been better", "i expected ... , but it
+  was ...", "sam said ... , but i disagree" and relative clauses.
+- ``"spam"`` (2 classes): is a text message spam? Appendix E's task, kept as the reference. It
+  is easy, as the SMS Spam Collection is (the book reaches 96.67 % with GPT-2).
 
-Downstream tasks (two classes each): ``"spam"`` (ham = 0, spam = 1) and ``"sentiment"``
-(negative = 0, positive = 1). No single word decides either task (``keyword_baseline`` measures
-the best one-word rule), so a classifier has to read the message.
+**Held out, not just unseen.** A *skeleton* is a sentence's composition with its open words
+removed: for a review the aspects and clause forms in order (("food", "negated"), ("view",
+"reported")), for a message its template. Skeletons are assigned to train, validation or test by
+a stable hash, so every validation and test sentence has a composition that no training sentence
+has, and the pretraining corpus holds neither validation nor test skeletons. No sentence occurs
+in two places (tests/test_language.py checks all of this).
 """
 from __future__ import annotations
 
+import hashlib
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-# ---------------------------------------------------------------------------------------------
-# Word lists (slots of the templates)
-# ---------------------------------------------------------------------------------------------
-W = {
-    "name": "sam alex jo maria tom lena omar priya ben chloe dan emma felix grace hugo ivy jack kim "
-            "leo mia nina oscar paul rosa sara theo uma victor wendy yusuf zoe ali bea carl dina eli "
-            "fay gus hana ian".split(),
-    "food": "pizza soup pasta curry salad cake bread noodles rice tacos sushi burgers pie coffee tea "
-            "pancakes dumplings fries cookies fruit cheese chips stew waffles soda juice muffins "
-            "sandwiches pancake omelette".split(),
-    "place": "cafe park library station office gym market beach cinema museum school shop bakery "
-             "garden bar hall kitchen square harbour stadium bridge pool theatre studio hotel clinic "
-             "campus corner lobby".split(),
-    "thing": "bike laptop phone charger umbrella jacket book camera guitar lamp chair desk bag keys "
-             "ticket tent map scarf watch printer kettle blanket radio headphones mug plant board "
-             "helmet wallet sofa fridge oven mirror table drill ladder speaker".split(),
-    "doc": "report notes slides form essay plan list photos invoice contract schedule draft letter "
-           "recipe summary".split(),
-    "event": "meeting party game class concert dinner trip match lecture wedding picnic rehearsal "
-             "interview exam festival workshop quiz barbecue launch reunion".split(),
-    "time": "tonight tomorrow today later soon now friday monday saturday sunday morning evening "
-            "afternoon weekend noon midnight tuesday wednesday thursday early".split(),
-    "pos": "great lovely tasty amazing nice perfect fantastic excellent wonderful brilliant superb "
-           "delightful pleasant fresh friendly helpful charming cosy clean quick fun smooth calm "
-           "beautiful cheerful".split(),
-    "neg": "awful terrible bland boring rude slow dirty cold stale noisy broken horrible dull "
-           "greasy soggy messy grim cramped burnt late weak sour pricey gloomy shabby".split(),
-    "game": "quiz race match tournament raffle contest lottery draw".split(),
-    "award": "medal trophy prize certificate ribbon scholarship".split(),
-    "prize": "holiday cruise car iphone laptop voucher tablet television scooter watch cash jackpot "
-             "gift card vacation".split(),
-    "account": "account card subscription parcel mailbox profile wallet loan".split(),
-    "secret": "password pin bank details code login address".split(),
-    "money": "pounds dollars euros".split(),
-    "amount": "fifty hundred thousand five ten twenty two three".split(),
-    "keyword": "yes win stop claim go offer prize now".split(),
-    "number": "eight nine six seven four one zero".split(),
-    "percent": "half fifty seventy ninety thirty".split(),
-    "very": "very really quite so rather truly".split(),
-    "greeting": "hi hey hello dear ok".split(),
-    "closing": "thanks cheers bye xx later love".split(),
-}
-
-# Templates: {slot} is filled from W; "{pos|neg}" picks by the review's label (see _review).
-HAM = [
-    "{name} are you free {time} ? we could get {food} at the {place}",
-    "call me when you get to the {place} , i have your {thing}",
-    "did you win the {game} {time} ? {name} said it was {pos}",
-    "there is free {food} at the {place} {time} if you want some",
-    "i got a {pos} {thing} for {name} , do you think they will like it ?",
-    "can you send me the {doc} before the {event} {time} ?",
-    "thanks for the {food} , it was {very} {pos}",
-    "the {event} is moved to {time} , please tell {name}",
-    "my {thing} is broken again , can i borrow yours {time} ?",
-    "{name} won a {award} at school {time} , we are so proud",
-    "reply when you can , no rush . the {doc} can wait until {time}",
-    "{name} offered to bring {food} to the {event} , so we are fine",
-    "i left my {thing} at the {place} , can you check {time} ?",
-    "the {place} has a {pos} offer on {food} {time} , want to go ?",
-    "claim your seat early for the {event} , it gets busy at the {place}",
-    "are we still on for {food} {time} ? text me when you leave",
-    "i will call you {time} about the {doc} for the {event}",
-    "your {thing} is ready at the {place} , the repair was free",
-    "i got a text saying i won a {prize} , it is a scam right ?",
-    "do not reply to that message about the {prize} , it is fake",
-    "the bank called about my {account} , can you remind me {time} ?",
-    "{name} lost the {secret} for the {place} wifi again , can you send it ?",
-    "we still owe {name} {amount} {money} for the {food} , i will pay {time}",
-]
-SPAM = [
-    "congratulations you have won a {prize} ! call {number} {number} now to claim your reward",
-    "urgent : your {account} is locked . reply with your {secret} to unlock it {time}",
-    "free {prize} for the first {amount} customers . text {keyword} to {number} {number}",
-    "you are a winner ! claim your {amount} {money} bonus {time} only",
-    "{name} , your {thing} order is waiting . confirm your {secret} at the link to avoid a fee",
-    "limited offer : {percent} off every {thing} {time} . call {number} {number} now",
-    "dear customer , we tried to reach you about your {amount} {money} refund . reply {keyword}",
-    "are you free {time} ? i found a way to earn {amount} {money} a week from home",
-    "your {doc} for the {event} is ready , send your {secret} to receive it",
-    "you have been selected for a {pos} {prize} . text {keyword} to claim before {time}",
-    "final notice : your {account} will close {time} unless you confirm your {secret}",
-    "{name} sent you a {prize} ! open the link and enter your {secret} to accept",
-    "your {account} has a pending payment of {amount} {money} . reply {keyword} to stop it",
-    "we have a {pos} deal for you : a {prize} for just {amount} {money} , call now",
-    "your {thing} is ready at the {place} , pay the {amount} {money} fee at the link",
-    "call {number} {number} when you get this , we have your {prize}",
-    "{name} , you won a {prize} {time} , reply {keyword} to claim it",
-    "we will call you {time} about your {amount} {money} refund , keep your {secret} ready",
-    "are you still looking for {thing} deals ? text {keyword} to {number} {number}",
-]
-# Reviews: the label decides which adjective slot is positive; order and "not" matter.
-REVIEW = [
-    "the {food} at the {place} was {very} {L}",
-    "i think the {thing} is {very} {L}",
-    "the {food} was {O} but the staff was {very} {L}",
-    "the {event} was {O} , but the {food} was {L}",
-    "the {food} was not {O}",
-    "i would not say the {thing} is {O}",
-    "{name} said the {place} was {O} , but i found it {very} {L}",
-    "not {O} at all , the {event} was {very} {L}",
-    "at first the {thing} seemed {O} , now it feels {L}",
-    "the {place} is never {O} and always {L}",
-    "{name} thought the {food} was {L} , and i agree",
-    "{name} thought the {food} was {O} , but i did not agree",
-    "i expected the {event} to be {O} but it was not",
-    "i expected the {event} to be {L} and it was",
-    "the {thing} looks {O} , but it works and feels {L}",
-]
-
-
-def _fill(template: str, rng: random.Random, **fixed: str) -> str:
-    def pick(m):
-        slot = m.group(1)
-        return fixed[slot] if slot in fixed else rng.choice(W[slot])
-    return re.sub(r"\{(\w+)\}", pick, template)
-
-
-def _decorate(text: str, rng: random.Random) -> str:
-    """Optional greeting and closing, so that templates do not all start and end alike."""
-    if rng.random() < 0.3:
-        text = f"{rng.choice(W['greeting'])} {rng.choice(W['name'])} , {text}"
-    if rng.random() < 0.3:
-        text = f"{text} . {rng.choice(W['closing'])}"
-    return text
-
-
-def _review(label: int, rng: random.Random) -> str:
-    template = rng.choice(REVIEW)
-    good, bad = rng.choice(W["pos"]), rng.choice(W["neg"])
-    # {L} carries the label's sentiment, {O} the opposite one; for "not {O}" the negation flips
-    # the opposite word into the label's direction ("not bland" -> positive).
-    lab, opp = (good, bad) if label == 1 else (bad, good)
-    return _fill(template, rng, L=lab, O=opp)
-
-
-def make_message(kind: str, rng: random.Random) -> str:
-    """One generated sentence of a kind: 'ham', 'spam', 'positive' or 'negative'."""
-    if kind == "ham":
-        return _decorate(_fill(rng.choice(HAM), rng), rng)
-    if kind == "spam":
-        return _decorate(_fill(rng.choice(SPAM), rng), rng)
-    if kind in ("positive", "negative"):
-        return _review(int(kind == "positive"), rng)
-    raise ValueError(f"unknown kind {kind!r}: use 'ham', 'spam', 'positive' or 'negative'")
-
+from . import language
+from .errors import ArgumentTypeError, check_bool, check_int
+from .language import Sentence
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer: one token per word or punctuation mark
@@ -182,13 +43,8 @@ def _words(text: str) -> list[str]:
 class Tokenizer:
     """Word-level tokenizer over the generated language. Unknown words map to <unk>."""
 
-    def __init__(self):
-        words = set()
-        for template in HAM + SPAM + REVIEW:
-            words.update(w for w in _words(template) if not w.startswith("{"))
-        for options in W.values():
-            words.update(options)
-        self.itos = [PAD, UNK, EOS] + sorted(words)
+    def __init__(self, words):
+        self.itos = [PAD, UNK, EOS] + sorted(set(words))
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self.pad_id, self.unk_id, self.eos_id = 0, 1, 2
 
@@ -196,48 +52,83 @@ class Tokenizer:
         return len(self.itos)
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes one text (a str), got {type(text).__name__}")
         return [self.stoi.get(w, self.unk_id) for w in _words(text)]
 
     def decode(self, ids) -> str:
-        return " ".join(self.itos[int(i)] for i in ids if int(i) != self.pad_id)
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < len(self.itos)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (ids 0..{len(self.itos) - 1})")
+        return " ".join(self.itos[i] for i in ids if i != self.pad_id)
 
 
-TOKENIZER = Tokenizer()
-CONTEXT_LENGTH = 24  # the longest generated message plus <eos> fits; checked in tests
-
+TOKENIZER = Tokenizer(language.vocabulary())
+#: Positions the model has. A review or message has at most 31 tokens; pretraining documents of
+#: one to three sentences use all 48, so that prompts with a response (notebook 12) stay inside
+#: positions the base model was trained on.
+CONTEXT_LENGTH = 48
 
 # ---------------------------------------------------------------------------------------------
-# Pretraining corpus and classification tasks
+# Tasks and held-out compositions
 # ---------------------------------------------------------------------------------------------
-TASKS = {"spam": ("ham", "spam"), "sentiment": ("negative", "positive")}
-#: The task of the course's main experiments (notebooks 04-06 and beyond).
-MAIN_TASK = "sentiment"
+TASKS = {"aspect": language.ASPECT_NAMES, "spam": ("ham", "spam")}
+#: The task of the course's main experiments (notebooks 05-07 and beyond).
+MAIN_TASK = "aspect"
+SPLIT_NAMES = ("train", "val", "test")
+ASPECTS_PER_REVIEW = 2
 
 
 def num_classes(task: str) -> int:
     """How many classes a task has (the size of the classification head it needs)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
+    _check_task(task)
     return len(TASKS[task])
 
 
-def _unique(kinds, n: int, seed: int) -> list[tuple[str, int]]:
-    """n distinct (text, class index) pairs, classes balanced, in a seeded random order."""
-    rng = random.Random(seed)
-    seen, out = set(), []
-    while len(out) < n:
-        label = len(out) % len(kinds)
-        text = make_message(kinds[label], rng)
-        if text not in seen:
-            seen.add(text)
-            out.append((text, label))
-    rng.shuffle(out)
-    return out
+def _check_task(task) -> None:
+    if not isinstance(task, str):
+        raise ArgumentTypeError(f"task must be a task name (a str such as {MAIN_TASK!r}), got {type(task).__name__}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
 
 
-def pretraining_texts(n: int = 40_000, seed: int = 0) -> list[str]:
-    """The pretraining corpus: n distinct sentences of every kind (messages and reviews)."""
-    return [t for t, _ in _unique(("ham", "spam", "positive", "negative"), n, seed)]
+def skeleton_split(skeleton: tuple) -> str:
+    """'train', 'val' or 'test' for a composition, by a stable hash (SHA-256, the same on every
+    machine; Python's hash() of a str changes between runs, and CRC-32 is linear, which would
+    hold out whole families of similar compositions): 1 in 8 compositions is held out for
+    validation and 1 in 8 for testing."""
+    bucket = int.from_bytes(hashlib.sha256(repr(skeleton).encode()).digest()[:8], "little") % 8
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+def task_sentence(task: str, label: int, rng: random.Random) -> Sentence:
+    """One sentence of ``task`` with class ``label``."""
+    _check_task(task)
+    label = check_int(label, "label", minimum=0)
+    if label >= num_classes(task):
+        raise ValueError(f"label {label} is not a class of {task!r} (0..{num_classes(task) - 1})")
+    if not isinstance(rng, random.Random):
+        raise ArgumentTypeError(f"rng must be a random.Random, got {type(rng).__name__}")
+    if task == "aspect":
+        aspects = rng.sample(language.ASPECT_NAMES, ASPECTS_PER_REVIEW)
+        if language.ASPECT_NAMES[label] not in aspects:
+            aspects[rng.randrange(len(aspects))] = language.ASPECT_NAMES[label]
+        return language.review(rng, aspects, [a == language.ASPECT_NAMES[label] for a in aspects])
+    if task == "spam":
+        return language.message(rng, ("ham", "spam")[label])
+    _check_task(task)
+
+
+def label_of(task: str, sentence: Sentence) -> int:
+    """The class of a sentence under a task, read from its meaning."""
+    _check_task(task)
+    if not isinstance(sentence, Sentence):
+        raise ArgumentTypeError(f"label_of takes a language.Sentence, got {type(sentence).__name__}")
+    if task == "aspect":
+        praised = [a for a, good in sentence.meaning if good]
+        return language.ASPECT_NAMES.index(praised[0])
+    return int(dict(sentence.meaning)["spam"])
 
 
 @dataclass
@@ -245,28 +136,155 @@ class Split:
     texts: list[str]
     labels: torch.Tensor  # (N,) class indices
 
+    def __post_init__(self):
+        self.texts = _check_texts(self.texts)
+        if not isinstance(self.labels, torch.Tensor) or self.labels.ndim != 1 or self.labels.is_floating_point():
+            raise ArgumentTypeError("labels must be a 1-D integer tensor with one class index per text")
+        if len(self.labels) != len(self.texts):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels: give one label per text")
 
-def classification_splits(task: str = "spam", n_train: int = 2000, n_val: int = 500, n_test: int = 500,
-                          seed: int = 1) -> dict[str, Split]:
-    """Train / validation / test splits of a task, balanced, with no sentence in two splits."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
-    rows = _unique(TASKS[task], n_train + n_val + n_test, seed=hash_seed(task, seed))
-    cuts = {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
-    return {k: Split([t for t, _ in v], torch.tensor([y for _, y in v])) for k, v in cuts.items()}
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
-def hash_seed(task: str, seed: int) -> int:
+SPLIT_SIZES = {"aspect": (3000, 600, 1200), "spam": (2000, 500, 500)}
+
+
+def classification_splits(task: str = MAIN_TASK, n_train: int | None = None, n_val: int | None = None,
+                          n_test: int | None = None, seed: int = 1) -> dict[str, Split]:
+    """Train / validation / test splits of a task: classes balanced, held-out compositions (see
+    the module docstring), no sentence twice, none from the pretraining corpus."""
+    _check_task(task)
+    sizes = dict(zip(SPLIT_NAMES, SPLIT_SIZES[task]))
+    for name, n in zip(SPLIT_NAMES, (n_train, n_val, n_test)):
+        if n is not None:
+            sizes[name] = check_int(n, f"n_{name}", minimum=num_classes(task), hint="at least one text per class")
+    if sum(sizes.values()) > 100_000:
+        raise ValueError(f"{sum(sizes.values())} texts asked for: the splits are capped at 100,000 texts in all")
+    rng = random.Random(stable_seed(task, check_int(seed, "seed", minimum=0)))
+    taken = sentence_runs(pretraining_texts())
+    rows = {name: [] for name in SPLIT_NAMES}
+    k = num_classes(task)
+    attempts = 0
+    while any(len(rows[s]) < sizes[s] for s in SPLIT_NAMES):
+        attempts += 1
+        if attempts > 100 * sum(sizes.values()):
+            raise ValueError(f"the grammar cannot supply {sizes} distinct sentences of {task!r}: ask for fewer")
+        # Cycle through the classes; a sentence goes to the split its composition belongs to,
+        # if that split still needs this class.
+        label = sum(len(r) for r in rows.values()) % k
+        sentence = task_sentence(task, label, rng)
+        split = skeleton_split(sentence.skeleton)
+        per_class = sizes[split] // k + (label < sizes[split] % k)
+        if sentence.text in taken or sum(y == label for _, y in rows[split]) >= per_class:
+            continue
+        taken.add(sentence.text)
+        rows[split].append((sentence.text, label))
+    out = {}
+    for name in SPLIT_NAMES:
+        rng.shuffle(rows[name])
+        out[name] = Split([t for t, _ in rows[name]], torch.tensor([y for _, y in rows[name]]))
+    return out
+
+
+def stable_seed(task: str, seed: int) -> int:
     """A stable per-task seed (Python's hash() of a str changes between runs)."""
-    return seed * 1000 + sum(ord(c) for c in task)
+    _check_task(task)
+    return check_int(seed, "seed", minimum=0) * 1000 + sum(ord(c) for c in task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining corpus
+# ---------------------------------------------------------------------------------------------
+def pretraining_sentence(rng: random.Random) -> Sentence:
+    """A sentence for the pretraining corpus: a review (half the time) or a message, never one
+    whose composition is held out for validation or testing."""
+    while True:
+        if rng.random() < 0.5:
+            sentence = language.any_review(rng)
+        else:
+            sentence = language.message(rng, rng.choice(("ham", "spam")))
+        if skeleton_split(sentence.skeleton) == "train":
+            return sentence
+
+
+def sentence_runs(documents) -> set[str]:
+    """Every run of consecutive whole sentences of every document ("a . b ." gives "a .", "b ."
+    and "a . b ."). A task sentence found here occurs in the pretraining corpus, even inside a
+    longer document, and is never used for a task."""
+    runs = set()
+    for doc in documents:
+        words, sentences, start = doc.split(), [], 0
+        for i, word in enumerate(words):
+            if word in (".", "?", "!") and (i + 1 == len(words) or words[i + 1] not in (".", "?", "!")):
+                sentences.append(" ".join(words[start:i + 1]))
+                start = i + 1
+        for i in range(len(sentences)):
+            for j in range(i + 1, len(sentences) + 1):
+                runs.add(" ".join(sentences[i:j]))
+    return runs
+
+
+_CORPUS_CACHE: dict[tuple[int, int], list[str]] = {}
+
+
+def pretraining_texts(n: int = 24_000, seed: int = 0) -> list[str]:
+    """The pretraining corpus: n distinct documents of one to three sentences (at most
+    CONTEXT_LENGTH - 1 tokens, so that <eos> fits). No labels: the base model learns the
+    language, never the tasks."""
+    n = check_int(n, "n", minimum=1)
+    if n > 200_000:
+        raise ValueError(f"n={n} documents asked for: the corpus generator is capped at 200,000")
+    key = (n, check_int(seed, "seed", minimum=0))
+    if key not in _CORPUS_CACHE:
+        rng = random.Random(seed)
+        seen, docs, attempts = set(), [], 0
+        while len(docs) < n:
+            parts, length = [], 0
+            for _ in range(rng.choice((1, 2, 2, 3))):
+                text = pretraining_sentence(rng).text
+                if length + len(text.split()) > CONTEXT_LENGTH - 1:
+                    break
+                parts.append(text)
+                length += len(text.split())
+            doc = " ".join(parts)
+            attempts += 1
+            if attempts > 50 * n:
+                raise ValueError(f"the grammar cannot supply {n} distinct documents: ask for fewer")
+            if doc and doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+        _CORPUS_CACHE[key] = docs
+    return list(_CORPUS_CACHE[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise ArgumentTypeError("expected a list of texts, got one str (wrap it in a list: [text])")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise ArgumentTypeError(f"expected a list of texts, got {type(texts).__name__}") from None
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ArgumentTypeError(f"every text must be a str, got {bad!r} ({type(bad).__name__})")
+    return texts
 
 
 def encode_batch(texts: list[str], length: int = CONTEXT_LENGTH, add_eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids (N, length) and the number of real tokens per row (N,)."""
+    texts = _check_texts(texts)
+    length = check_int(length, "length", minimum=1)
+    add_eos = check_bool(add_eos, "add_eos")
     ids = torch.full((len(texts), length), TOKENIZER.pad_id, dtype=torch.long)
     lengths = torch.empty(len(texts), dtype=torch.long)
     for row, text in enumerate(texts):
         tokens = TOKENIZER.encode(text) + ([TOKENIZER.eos_id] if add_eos else [])
+        if not tokens:
+            raise ValueError(f"text {row} is empty: every text needs at least one word")
         if len(tokens) > length:
             raise ValueError(f"{len(tokens)} tokens do not fit in {length}: {text!r}")
         ids[row, :len(tokens)] = torch.tensor(tokens)
@@ -283,20 +301,7 @@ def lm_batch(texts: list[str], length: int = CONTEXT_LENGTH) -> tuple[torch.Tens
     return inputs, targets
 
 
-def keyword_baseline(texts: list[str], labels) -> tuple[float, str]:
-    """Accuracy of the best one-word rule ("class c if word w is present, else the other") and
-    its word. A task that one keyword solves is not worth fine-tuning for."""
-    labels = [int(y) for y in labels]
-    present = [set(_words(t)) for t in texts]
-    best, best_word = 0.0, ""
-    for word in set().union(*present):
-        hits = sum((word in p) == bool(y) for p, y in zip(present, labels))
-        acc = max(hits, len(labels) - hits) / len(labels)
-        if acc > best:
-            best, best_word = acc, word
-    return best, best_word
-
-
 def vocabulary_stats(texts: list[str]) -> dict[str, int]:
+    texts = _check_texts(texts)
     counts = Counter(w for t in texts for w in _words(t))
     return {"sentences": len(texts), "distinct_sentences": len(set(texts)), "distinct_words": len(counts)}

@@ -1,4 +1,4 @@
-"""How much memory fine-tuning needs: accounted from the model, and measured on a real step.
+"""How much memory fine-tuning needs: accounted from the model, broken down, and measured.
 
 Training with AdamW keeps four kinds of tensors alive:
 
@@ -9,16 +9,22 @@ Training with AdamW keeps four kinds of tensors alive:
   probabilities, ...). They scale with batch × tokens, not with the number of trainable
   parameters, so LoRA does not shrink them (it even adds a few: x·A for every adapted layer).
 
-``accounted_memory`` predicts the first three from parameter counts alone (the closed form of
-``lora_course.accounting.training_memory_bytes``). ``measure_training_step`` runs real AdamW
-steps on a copy of the model and adds up the storages of the tensors that are actually alive at
-the moment memory peaks (the end of the forward pass, when the previous step's gradients and the
-optimizer state still exist and every activation for the backward pass has been saved). Saved
-activations are caught with ``torch.autograd.graph.saved_tensors_hooks``.
+Three tools, from prediction to measurement:
 
-PyTorch has no peak-memory counter for the CPU like ``torch.cuda.max_memory_allocated`` (which
-is GPU-only), which is why we count live tensors instead. What this misses: short-lived
-temporaries inside a kernel and the allocator's own overhead, small next to the tensors above.
+- ``accounted_memory`` predicts the first three from parameter counts alone (the closed form of
+  ``lora_course.accounting.training_memory_bytes``).
+- ``step_breakdown`` / ``live_tensor_breakdown`` run real AdamW steps on a copy of the model
+  and list the storages of the tensors alive at the end of the forward pass, by kind: the
+  optimizer's real ``exp_avg``/``exp_avg_sq``, the real gradients, and the tensors autograd saves
+  for backward (caught with ``torch.autograd.graph.saved_tensors_hooks``). This tells *what*
+  occupies memory; its weight, gradient and state rows equal the accounting by construction,
+  so it is not a measurement of the peak.
+- ``measure_peak_memory`` asks the allocator. It runs a whole training step (copy of the model,
+  forward, backward, AdamW update) inside ``torch.profiler.profile(profile_memory=True)``, which
+  records every allocation and free the CPU allocator makes, and returns the highest number of
+  bytes that were allocated at once. On a GPU it reads CUDA's own counter
+  (``torch.cuda.max_memory_allocated``). It includes what the breakdown cannot see: temporaries
+  inside operations, such as the gradient buffers backward creates before adding them up.
 """
 from __future__ import annotations
 
@@ -89,24 +95,76 @@ def _sum_unique(tensors, exclude: set | None = None) -> tuple[int, set]:
     return sum(k[2] for k in seen), seen
 
 
-def measure_training_step(model: nn.Module, train, *, batch_size: int = 32, lr: float = 1e-3,
-                          seed: int = 0) -> TrainingMemory:
-    """Measure the tensors alive when a classification training step peaks, on one seeded batch
-    of ``train`` (see ``measure_step_memory``)."""
+def classification_loss_fn(train, *, batch_size: int = 32, seed: int = 0):
+    """``loss_fn(model)`` for one seeded batch of a classification split (cut to its longest
+    message, as training does), for ``step_breakdown`` and ``measure_peak_memory``."""
     data: EncodedSplit = _encoded(train)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     idx = torch.randint(len(data), (batch_size,), generator=torch.Generator().manual_seed(seed))
-    ids, lengths, labels = data.ids[idx], data.lengths[idx], data.labels[idx]
+    width = int(data.lengths[idx].max())
+    ids, lengths, labels = data.ids[idx, :width], data.lengths[idx], data.labels[idx]
 
     def loss_fn(work: nn.Module) -> torch.Tensor:
         device = next(work.parameters()).device
         logits = classification_logits(work, ids.to(device), lengths.to(device))
         return F.cross_entropy(logits, labels.to(device))
 
-    return measure_step_memory(model, loss_fn, lr=lr)
+    return loss_fn
 
 
-def measure_step_memory(model: nn.Module, loss_fn, *, lr: float = 1e-3) -> TrainingMemory:
-    """Measure the tensors alive when a training step of ``loss_fn(model)`` peaks.
+def step_breakdown(model: nn.Module, train, *, batch_size: int = 32, lr: float = 1e-3,
+                   seed: int = 0) -> TrainingMemory:
+    """The tensors alive at the end of a classification step's forward pass, by kind, on one
+    seeded batch of ``train`` (see ``live_tensor_breakdown``)."""
+    return live_tensor_breakdown(model, classification_loss_fn(train, batch_size=batch_size, seed=seed), lr=lr)
+
+
+def measure_peak_memory(model: nn.Module, loss_fn, *, lr: float = 1e-3) -> int:
+    """Peak bytes allocated during one AdamW training step of ``loss_fn(model)``, measured by the
+    allocator.
+
+    Everything the step needs is created inside the measurement: a copy of the model (its
+    weights), one warm-up step (the gradients and AdamW's m and v that every later step keeps),
+    and a second, measured step (forward, backward, update). CPU: the profiler's memory events
+    (one per allocation and free) summed in time order; the peak is the largest running sum.
+    GPU: ``torch.cuda.max_memory_allocated`` minus what was allocated before. ``model`` is not
+    changed."""
+    device = next(model.parameters()).device
+
+    def train_two_steps():
+        work = copy.deepcopy(model)
+        params = [p for p in work.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters: nothing to measure a training step of")
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        work.train()
+        for _ in range(2):
+            loss_fn(work).backward()
+            optimizer.step()
+        del work, optimizer, params
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_two_steps()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_two_steps()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def live_tensor_breakdown(model: nn.Module, loss_fn, *, lr: float = 1e-3) -> TrainingMemory:
+    """The tensors alive at the end of the forward pass of a training step of ``loss_fn(model)``.
 
     Works on a deep copy (``model`` is not changed). Runs one AdamW step so that gradients and
     optimizer states exist, as they do in every later step, then runs the forward pass of a

@@ -135,3 +135,70 @@ def plot_memory(labels: Sequence[str], memories: Sequence, *, ax=None,
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelrotation=20)
     return ax
+
+
+# ---------------------------------------------------------------------------------------------
+# Several seeds: means with their spread
+# ---------------------------------------------------------------------------------------------
+def _check_seed_runs(runs):
+    runs = list(runs)
+    if not runs:
+        raise ValueError("no runs to plot: pass a list of SeedRuns from experiments.run_seeds")
+    for r in runs:
+        if not hasattr(r, "test_accuracy") or not hasattr(r, "histories"):
+            raise TypeError(f"expected SeedRuns objects (what experiments.run_seeds returns), got {type(r).__name__}")
+    return runs
+
+
+def plot_curves_with_bands(runs, *, key: str = "val_accuracy", ax=None, title: str = "", ylabel: str | None = None):
+    """One line per method: the mean over seeds of a recorded curve, with a band of ± one
+    standard deviation across seeds."""
+    runs = _check_seed_runs(runs)
+    ax = _axes(ax, (7, 4))
+    for i, r in enumerate(runs):
+        steps, mean, std = r.curve(key)
+        mean, std = np.array(mean), np.array(std)
+        color = f"C{i % 10}"
+        ax.plot(steps, mean, color=color, lw=1.6, label=r.spec.name)
+        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel or key.replace("_", " "))
+    ax.set_title(title or f"{key.replace('_', ' ')}: mean over {len(runs[0].seeds)} seeds, band = ± 1 std")
+    ax.legend(fontsize=8, loc="best", frameon=False)
+    return ax
+
+
+def plot_accuracy_vs_parameters_seeds(runs, *, baselines: dict[str, float] | None = None, chance: float | None = None,
+                                      ax=None, title: str = "Test accuracy against trainable parameters",
+                                      label_offsets: dict[str, tuple[int, int]] | None = None):
+    """Each method at its number of trainable parameters (x, log scale): mean test accuracy over
+    seeds with error bars of ± one standard deviation, labelled; LoRA runs are joined by a line.
+    ``baselines`` (name -> accuracy, e.g. the bag-of-words model) and ``chance`` are drawn as
+    horizontal lines. The y axis starts just below the lowest thing drawn."""
+    runs = _check_seed_runs(runs)
+    ax = _axes(ax, (8, 4.5))
+    offsets = label_offsets or {}
+    lora = [r for r in runs if r.spec.method == "lora"]
+    if len(lora) > 1:
+        ax.plot([r.trainable_parameters for r in lora], [r.mean for r in lora], "-", color="C0", lw=1, alpha=0.6)
+    lows = []
+    for r in runs:
+        color = "C0" if r.spec.method == "lora" else {"full": "C3", "head only": "C2", "last block": "C1"}[r.spec.method]
+        ax.errorbar([r.trainable_parameters], [r.mean], yerr=[r.std], fmt="o", color=color, capsize=4, ms=6)
+        ax.annotate(r.spec.name, (r.trainable_parameters, r.mean), textcoords="offset points",
+                    xytext=offsets.get(r.spec.name, (6, -4)), fontsize=8, color=color)
+        lows.append(r.mean - r.std)
+    for i, (name, value) in enumerate((baselines or {}).items()):
+        ax.axhline(value, color="0.4", ls=[":", "-."][i % 2], lw=1.2, label=name)
+        lows.append(value)
+    if chance is not None:
+        ax.axhline(chance, color="0.6", ls="--", lw=1, label="chance")
+        lows.append(chance)
+    ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    if baselines or chance is not None:
+        ax.legend(fontsize=8, loc="lower right", frameon=True)
+    return ax
