@@ -82,6 +82,7 @@ class RunSpec:
     head: str = "train"
     scaling: str = "alpha/rank"
     variant: str = "lora"
+    loraplus_ratio: float | None = None   # LoRA+: B (and 1-D parameters) train at lr · ratio
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -93,8 +94,11 @@ class RunSpec:
                 raise ValueError(f"unknown targets {self.targets!r}: choose one of {list(TARGETS)}")
             if self.head not in HEAD_MODES:
                 raise ValueError(f"unknown head mode {self.head!r}: choose one of {HEAD_MODES}")
-        elif self.rank is not None or self.head != "train" or self.variant != "lora":
-            raise ValueError(f"rank, head and variant apply to LoRA runs only, not to method {self.method!r}")
+        elif self.rank is not None or self.head != "train" or self.variant != "lora" or self.loraplus_ratio is not None:
+            raise ValueError(f"rank, head, variant and loraplus_ratio apply to LoRA runs only, not to method {self.method!r}")
+        if self.loraplus_ratio is not None and not (isinstance(self.loraplus_ratio, (int, float))
+                                                    and self.loraplus_ratio > 0):
+            raise ValueError(f"loraplus_ratio must be a positive number (the paper uses 16), got {self.loraplus_ratio!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"learning rate must be positive, got {self.lr!r}")
 
@@ -159,10 +163,14 @@ def run(base: nn.Module, spec: RunSpec, splits: dict, *, steps: int, eval_every:
     """Build the model of ``spec`` and train it on ``splits["train"]``; returns (model, history).
     ``seed`` orders the batches and, unless given, also draws the head (``head_seed`` = 123 +
     seed) and the A matrices (``lora_seed`` = seed). ``param_groups``: a function of the model
-    that returns AdamW groups (LoRA+)."""
+    that returns AdamW groups; by default a spec with ``loraplus_ratio`` gets LoRA+'s groups
+    (``variants.loraplus_param_groups``)."""
     classes = num_classes if num_classes is not None else int(splits["train"].labels.max()) + 1
     model = build_model(base, spec, head_seed=123 + seed if head_seed is None else head_seed,
                         lora_seed=seed if lora_seed is None else lora_seed, num_classes=classes)
+    if param_groups is None and spec.loraplus_ratio is not None:
+        from .variants import loraplus_param_groups
+        param_groups = lambda m: loraplus_param_groups(m, spec.lr, spec.loraplus_ratio)  # noqa: E731
     history = train_classifier(model, splits["train"], splits["val"], steps=steps, lr=spec.lr,
                                batch_size=batch_size, eval_every=eval_every, seed=seed,
                                name=f"{spec.name} (seed {seed})", progress=progress,

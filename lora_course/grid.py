@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -88,14 +90,25 @@ def run_grid(base: nn.Module, specs: Sequence[RunSpec], splits: dict, *, seeds: 
     args = [(spec, seed, steps, eval_every, batch_size, num_classes, keep_models) for spec, seed in jobs]
     results = []
     if workers == 1:
-        _start_worker(base.cfg, base_weights, splits)
-        threads = torch.get_num_threads()
+        # In this process: training seeds Python, NumPy and torch, so their random states are
+        # saved and restored. Later cells then draw the same numbers whether the grid ran here
+        # (one core) or in workers (several), and the notebook's outputs do not depend on the CPU.
+        threads, py_state, np_state = torch.get_num_threads(), random.getstate(), np.random.get_state()
+        progress_env = os.environ.get("LORA_COURSE_PROGRESS")
         try:
-            for k, job in enumerate(args, 1):
-                results.append(_run_job(*job))
-                bar.update(k)
+            with torch.random.fork_rng(devices=[]):
+                _start_worker(base.cfg, base_weights, splits)  # builds a model: draws random numbers
+                for k, job in enumerate(args, 1):
+                    results.append(_run_job(*job))
+                    bar.update(k)
         finally:
             torch.set_num_threads(threads)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            if progress_env is None:
+                os.environ.pop("LORA_COURSE_PROGRESS", None)
+            else:
+                os.environ["LORA_COURSE_PROGRESS"] = progress_env
             _WORKER_STATE.clear()
     else:
         context = multiprocessing.get_context("spawn")

@@ -28,7 +28,10 @@ Three tools, from prediction to measurement:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +123,29 @@ def step_breakdown(model: nn.Module, train, *, batch_size: int = 32, lr: float =
     return live_tensor_breakdown(model, classification_loss_fn(train, batch_size=batch_size, seed=seed), lr=lr)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's C++ side (kineto) writes timestamped lines such as "profiler_start" straight
+    to file descriptor 2, which Jupyter shows as a red stderr output that differs on every run.
+    Point descriptor 2 at /dev/null while the profiler starts and stops; Python exceptions are
+    unaffected (they are raised, not printed, inside the block)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 (some embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def measure_peak_memory(model: nn.Module, loss_fn, *, lr: float = 1e-3) -> int:
     """Peak bytes allocated during one AdamW training step of ``loss_fn(model)``, measured by the
     allocator.
@@ -152,7 +178,7 @@ def measure_peak_memory(model: nn.Module, loss_fn, *, lr: float = 1e-3) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         train_two_steps()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)

@@ -11,10 +11,11 @@ Method
   so slow drifts of the machine hit all of them alike; we report medians over rounds.
 - Step = forward + backward + AdamW update on one batch. Inference = one no-grad forward (the
   fastest of 3 back-to-back calls in each round).
-- Memory (CPU): bytes of tensors alive for training, counted, not sampled: weights + gradients +
-  AdamW state (after one step) + the activations autograd saves for backward, each storage
-  counted once: ``lora_course.memory.measure_step_memory``, the same measurement as notebook 04.
-  That is the peak a step needs beyond temporaries; it is deterministic, unlike RSS.
+- Memory (CPU): what is alive for training, by kind: weights + gradients + AdamW state (after
+  one step) + the activations autograd saves for backward, each storage counted once
+  (``lora_course.memory.live_tensor_breakdown``), and the peak the allocator reports for a
+  whole step, temporaries included (``lora_course.memory.measure_peak_memory``, the profiler's
+  memory events), the same measurements as notebook 04.
 - One thread by default (``--threads``), as in the notebooks.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lora_course import mark_only_lora_as_trainable, merge_and_unload, replace_l
 from lora_course.accounting import trainable_parameters
 from lora_course.data import TOKENIZER
 from lora_course.gpt import load_pretrained_gpt
-from lora_course.memory import measure_step_memory
+from lora_course.memory import live_tensor_breakdown, measure_peak_memory
 from lora_course.peft_bridge import peft_state_dict
 from lora_course.training import make_classifier
 
@@ -139,16 +140,17 @@ def run(name, base, loss_fn, infer, targets, rank, alpha, rounds):
         for k, m in merged.items():
             inference[k].append(time_inference(m, infer))
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    memory = {k: measure_step_memory(m, loss_fn) for k, m in variants.items()}
+    memory = {k: live_tensor_breakdown(m, loss_fn) for k, m in variants.items()}
+    peak = {k: measure_peak_memory(m, loss_fn) for k, m in variants.items()}
 
     print(f"\n## {name}: rank {rank}, alpha {alpha}, {len(targets)} target pattern(s), {rounds} rounds")
     print(f"{'variant':20s} {'trainable':>11s} {'step ms':>9s} {'infer ms':>9s} {'train MB':>9s}"
-          f" {'(weights':>9s} {'grads':>7s} {'adam':>7s} {'activ.)':>8s}")
+          f" {'(weights':>9s} {'grads':>7s} {'adam':>7s} {'activ.)':>8s} {'peak MB':>8s}")
     for k in variants:
         mem = memory[k]
         print(f"{k:20s} {trainable_parameters(variants[k]):11,d} {1e3 * med(step[k]):9.2f} {1e3 * med(inference[k]):9.2f}"
               f" {mem.total / 1e6:9.2f} {mem.weights / 1e6:9.2f} {mem.gradients / 1e6:7.2f}"
-              f" {mem.optimizer_states / 1e6:7.2f} {mem.activations / 1e6:8.2f}")
+              f" {mem.optimizer_states / 1e6:7.2f} {mem.activations / 1e6:8.2f} {peak[k] / 1e6:8.2f}")
     for k in merged:  # inference only: the base model and the two merged models
         print(f"{k:20s} {'':11s} {'':9s} {1e3 * med(inference[k]):9.2f}")
     ratios = {
@@ -158,6 +160,7 @@ def run(name, base, loss_fn, infer, targets, rank, alpha, rounds):
         "step lora_course / full": med(step["lora_course"]) / med(step["full"]),
         "step peft / full": med(step["peft"]) / med(step["full"]),
         "memory lora_course / full": memory["lora_course"].total / memory["full"].total,
+        "peak lora_course / full": peak["lora_course"] / peak["full"],
         "memory peft / full": memory["peft"].total / memory["full"].total,
         "inference merged lora_course / base": med(inference["merged lora_course"]) / med(inference["base"]),
         "inference merged peft / base": med(inference["merged peft"]) / med(inference["base"]),
@@ -177,7 +180,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {args.rounds} alternating rounds")
-    print("memory = weights + grads + AdamW state + activations saved for backward (counted tensors, CPU)")
+    print("train MB = weights + grads + AdamW state + activations saved for backward (live tensors, CPU); "
+          "peak MB = the allocator's peak over a whole step")
     start = time.perf_counter()
     results = {}
     base, loss_fn, infer, targets = gpt_setup(batch=32)
