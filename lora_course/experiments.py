@@ -1,4 +1,4 @@
-"""Run definitions for the course's fine-tuning experiments (notebooks 05-07, 09-12).
+"""Run definitions for the course's fine-tuning experiments (notebooks 04, 05 and 10).
 
 A ``RunSpec`` says what trains in one run and at which learning rate:
 

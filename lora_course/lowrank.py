@@ -222,7 +222,7 @@ def show_rank_approximation(M: torch.Tensor, rank: int, title: str = "M") -> Ran
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.3]})
     for ax, matrix, label in ((axes[0], M64, f"{title}  ({M64.shape[0]}×{M64.shape[1]})"),
                               (axes[1], approx, f"best rank-{rank} A·B")):
-        ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)  # one colour scale for both
         ax.set_title(label)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -238,6 +238,7 @@ def show_rank_approximation(M: torch.Tensor, rank: int, title: str = "M") -> Ran
                  f"{result.factor_parameters:,} vs {result.full_parameters:,} numbers", fontsize=10)
     ax.legend(loc="upper right")
     fig.tight_layout()
+    fig.colorbar(image, ax=axes[:2].tolist(), shrink=0.85, label="entry value")
     plt.show()
     return result
 

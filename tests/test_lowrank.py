@@ -80,8 +80,9 @@ def test_show_rank_approximation_plots_and_returns_numbers():
     result = lowrank.show_rank_approximation(M, 3)
     assert result == lowrank.approximate(M, 3)
     fig = plt.gcf()
-    assert len(fig.axes) == 3
+    assert len(fig.axes) == 4  # M, A·B, the spectrum, and the colour bar the two heatmaps share
     assert "relative error" in fig.axes[2].get_title()
+    assert fig.axes[3].get_label() == "<colorbar>"
 
 
 def test_rank_slider_reruns_the_function():

@@ -1,6 +1,18 @@
-"""End to end: every notebook runs in a real JupyterLab, in headless Chromium, with Run All.
+"""End to end: the notebooks in a real JupyterLab, in headless Chromium.
 
-One JupyterLab server and one browser serve all notebooks (module-scoped fixture), on fresh copies
+Two kinds of items share one server and one browser:
+
+- **Run All** (``test_notebook_runs_in_jupyterlab``): the notebook runs from the menu, on a fresh
+  copy, and what the page shows is checked (below). By default these are the notebooks with
+  widgets, which only a browser can check (the widget manager, slider moves, images inside
+  widgets). ``LORA_COURSE_BROWSER_RUN_ALL=all`` runs every notebook this way (about as long as
+  the whole nbval pass again), or give a comma-separated list of notebook stems.
+- **Stored view** (``test_stored_notebook_renders_in_jupyterlab``): every other notebook is opened
+  as committed, outputs included, as a learner who only reads it sees it: every stored plot must
+  load, no stored output is a traceback, every image of the prose loads. Their cells run under
+  ``pytest --nbval`` in a real kernel anyway, which checks every output against the stored one.
+
+For Run All, one JupyterLab server and one browser serve all notebooks (module-scoped fixture), on fresh copies
 with every output and the saved widget state stripped, so everything checked is produced now. Each
 notebook is its own test item, run one after another: open it alone, Run > Run All Cells from the
 menu, check what the page shows against the stored notebook, then close the page and shut its
@@ -26,6 +38,7 @@ LORA_COURSE_REQUIRE_BROWSER=1 (CI), where they fail instead.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import time
@@ -41,6 +54,7 @@ from .jupyterlab import (close_notebooks, notebook_report, open_lab, open_notebo
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+STORED_FOLDER = "stored"   # beside notebooks/ in the server root, so "../images/..." links resolve alike
 ARTIFACTS = ROOT / "artifacts" / "browser"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -66,7 +80,9 @@ def _fresh_copies(root: Path) -> Path:
             shutil.copytree(entry, root / entry.name)
         elif entry.name not in ("notebooks", "artifacts") and not entry.name.startswith("."):
             (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (root / STORED_FOLDER).mkdir()
     for path in NOTEBOOKS:
+        shutil.copy(path, root / STORED_FOLDER / path.name)  # as committed, outputs and widget state included
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
             if cell.cell_type == "code":
@@ -158,7 +174,58 @@ def _move_the_rank_slider(page) -> None:
 INTERACTIONS = {"06_rank_and_alpha_lab.ipynb": _move_the_rank_slider}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def _run_all_selection() -> list[Path]:
+    """The notebooks to Run All in the browser (module docstring)."""
+    chosen = os.environ.get("LORA_COURSE_BROWSER_RUN_ALL", "").strip()
+    if chosen == "all":
+        return NOTEBOOKS
+    if chosen:
+        stems = {s.strip() for s in chosen.split(",")}
+        unknown = stems - {p.stem for p in NOTEBOOKS}
+        if unknown:
+            raise ValueError(f"LORA_COURSE_BROWSER_RUN_ALL names unknown notebooks {sorted(unknown)}; "
+                             f"choose from {[p.stem for p in NOTEBOOKS]} or 'all'")
+        return [p for p in NOTEBOOKS if p.stem in stems]
+    return [p for p in NOTEBOOKS if Stored.of(p).widget_views > 0 or p.name in INTERACTIONS]
+
+
+RUN_ALL = _run_all_selection()
+STORED_ONLY = [p for p in NOTEBOOKS if p not in RUN_ALL]
+
+
+@pytest.mark.parametrize("path", STORED_ONLY, ids=[p.stem for p in STORED_ONLY])
+def test_stored_notebook_renders_in_jupyterlab(lab, path):
+    stored = Stored.of(path)
+    nb = nbformat.read(path, as_version=4)
+    tracebacks = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    assert not tracebacks, f"{path.name} is committed with an error output: {tracebacks[0].get('ename')}"
+    page = lab.page
+    lab.page_errors.clear()
+    try:
+        open_notebook(page, f"{STORED_FOLDER}/{path.name}", timeout_ms=OPEN_TIMEOUT_MS)
+        page.wait_for_function(
+            "(n) => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea .jp-RenderedImage img')]"
+            ".filter(i => i.complete && i.naturalWidth > 0).length >= n", arg=stored.image_outputs, timeout=30_000)
+        shown = notebook_report(page)
+        assert shown["cellImagesLoaded"] == shown["cellImages"] == stored.image_outputs, (
+            f"{path.name}: {shown['cellImagesLoaded']} of {shown['cellImages']} stored plots loaded, "
+            f"the notebook has {stored.image_outputs}")
+        assert not [t for t in shown["stderr"] if "Traceback" in t]
+        assert not shown["markdownImagesBroken"], shown["markdownImagesBroken"]
+        assert not lab.page_errors, lab.page_errors
+    except BaseException:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(ARTIFACTS / f"{path.stem}_stored_FAILED.png"), full_page=True)
+        raise
+    finally:
+        shut_down_kernels(lab.base)
+        try:
+            close_notebooks(page)
+        except Exception:
+            open_lab(page, lab.base, timeout_ms=OPEN_TIMEOUT_MS)
+
+
+@pytest.mark.parametrize("path", RUN_ALL, ids=[p.stem for p in RUN_ALL])
 def test_notebook_runs_in_jupyterlab(lab, path):
     stored = Stored.of(path)
     page = lab.page
