@@ -20,12 +20,27 @@ and the tensors of its declared ``modules_to_save``; every other key (a base wei
 
 Files are written whole or not at all (a temporary file in the same folder, flushed to disk,
 then renamed over the target), with ordinary permissions under the user's umask.
+
+Variants (``variants.py``, ``quantization.py``) are saved with what they need to be rebuilt, and
+each layer's entry names its variant (a plain LoRA layer has no "variant" entry, as in files
+written before variants existed); the header's "variant" sums it up:
+
+    lora / rslora  A, B; the scaling rule ("alpha/rank", or rsLoRA's "alpha/sqrt(rank)") per layer
+    dora           A, B and the magnitude m (out,)
+    vera           the vectors λ_d (r,) and λ_b (out,); the shared frozen projections are not
+                   stored but re-drawn from their seed ("vera_projections": seed, shape, SHA-256)
+    qlora          A, B, the blocksize and double quantization; the base fingerprint is taken over
+                   the NF4 codes, and loading into an fp32 base quantizes its layers first
+    pissa          never saved as such: its base layers hold the residual W − s·A₀B₀, not W.
+                   ``variants.pissa_to_lora(model, base_model=original)`` turns it into a plain
+                   LoRA of rank 2r on the original weights, which is saved like any other.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -40,10 +55,12 @@ from .errors import AdapterError, ArgumentTypeError, check_bool, check_names
 from .lora import (SCALINGS, LinearWithLoRA, _aliases, _check_model, _check_modules_exist, _matches,
                    _rank_warning_given, _set_submodule, _unsupported_reason, lora_layers, lora_scaling,
                    mark_only_lora_as_trainable)
+from .quantization import VALID_BLOCKSIZES, LinearWithQLoRA, NF4Linear, quantize_nf4
+from .variants import LinearWithDoRA, LinearWithPiSSA, LinearWithVeRA, vera_projections
 
-__all__ = ["AdapterError", "FORMAT", "VERSION", "adapter_metadata", "base_fingerprint", "base_state",
-           "inspect_adapter", "load_adapter", "lora_state_dict", "read_adapter", "save_adapter",
-           "set_adapter_trainable"]
+__all__ = ["AdapterError", "FORMAT", "VERSION", "FILE_VARIANTS", "adapter_metadata", "adapter_variant",
+           "base_fingerprint", "base_state", "inspect_adapter", "layer_variant", "load_adapter", "lora_state_dict",
+           "read_adapter", "save_adapter", "set_adapter_trainable"]
 
 FORMAT = "lora_course.adapter"
 VERSION = 1
@@ -211,8 +228,8 @@ def _check_modules_to_save(model: nn.Module, modules_to_save) -> list[str]:
     return _check_modules_exist(model, modules_to_save, error=AdapterError)
 
 
-def _fingerprint_state(model: nn.Module, exclude: list[str]) -> dict[str, torch.Tensor]:
-    state = base_state(model)
+def _fingerprint_state(model: nn.Module, exclude: list[str], state: dict | None = None) -> dict[str, torch.Tensor]:
+    state = base_state(model) if state is None else state
     return {k: v for k, v in state.items() if not (exclude and _matches(k.rpartition(".")[0], exclude))}
 
 
@@ -221,10 +238,103 @@ def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
     return _sha256(_fingerprint_state(model, check_names(exclude, "exclude")))
 
 
-def _bf16_fingerprint(model: nn.Module, exclude: list[str]) -> str:
+def _bf16_fingerprint(model: nn.Module, exclude: list[str], state: dict | None = None) -> str:
     """The same fingerprint over the base weights rounded to bfloat16: equal for a base model
     and its bfloat16 copy, so a refusal can say "only the precision differs"."""
-    return _sha256(_fingerprint_state(model, exclude), dtype=torch.bfloat16)
+    return _sha256(_fingerprint_state(model, exclude, state), dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: what each layer is, and what its file entry must say
+# --------------------------------------------------------------------------------------------
+#: The layer variants an adapter file holds. PiSSA is saved as plain LoRA (``pissa_to_lora``).
+FILE_VARIANTS = ("lora", "dora", "vera", "qlora")
+
+
+def layer_variant(layer: LinearWithLoRA) -> str:
+    """"lora" (rsLoRA included: it is LoRA with another scaling), "dora", "vera", "qlora" or "pissa"."""
+    for cls, name in ((LinearWithPiSSA, "pissa"), (LinearWithDoRA, "dora"), (LinearWithVeRA, "vera"),
+                      (LinearWithQLoRA, "qlora")):
+        if isinstance(layer, cls):
+            return name
+    return "lora"
+
+
+def _spec_variant(spec: dict) -> str:
+    return spec.get("variant", "lora")  # files written before variants existed hold plain LoRA
+
+
+def _summary_variant(specs: Iterable[dict]) -> str:
+    """The adapter's variant in one word: "lora", "rslora" (LoRA with alpha/sqrt(rank) on every
+    layer), "dora", "vera", "qlora", or "mixed" when layers differ."""
+    kinds = {"rslora" if _spec_variant(spec) == "lora" and spec.get("scaling") == "alpha/sqrt(rank)"
+             else _spec_variant(spec) for spec in specs}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def adapter_variant(model: nn.Module) -> str:
+    """The variant a file saved from ``model`` would record (see ``_summary_variant``)."""
+    _check_model(model)
+    return _summary_variant(_layer_spec(name, layer) for name, layer in lora_layers(model))
+
+
+def _pissa_refusal(name: str) -> AdapterError:
+    return AdapterError(
+        f"cannot save layer {name!r}: it is a PiSSA layer, whose base weight holds the residual W − s·A₀B₀ and "
+        "not the original W, so its A and B mean something only on that residual (and its base fingerprint would "
+        "match no model you have). Convert it into a plain LoRA on the original weights first: "
+        "plain = pissa_to_lora(model, base_model=<an unwrapped copy of the model PiSSA started from>), then "
+        "save_adapter(plain, path). Nothing was written.")
+
+
+def _layer_spec(name: str, layer: LinearWithLoRA) -> dict:
+    """The file entry of one adapted layer. A plain LoRA layer's entry has exactly the five keys
+    files had before variants existed; a variant adds "variant" and what it needs to be rebuilt."""
+    kind = layer_variant(layer)
+    if kind == "pissa":
+        raise _pissa_refusal(name)
+    spec = {"rank": layer.lora.rank, "alpha": layer.lora.alpha, "scaling": layer.lora.scaling_name,
+            "in_features": layer.in_features, "out_features": layer.out_features}
+    if kind != "lora":
+        spec["variant"] = kind
+    if kind == "vera":
+        spec["d_initial"] = layer.lora.d_initial
+    if kind == "qlora":
+        spec["blocksize"], spec["double_quant"] = layer.linear.blocksize, bool(layer.linear.double_quant)
+    return spec
+
+
+def _vera_info(model: nn.Module) -> dict | None:
+    """What a file needs to re-draw the VeRA layers' shared frozen projections: seed, shape and a
+    SHA-256 of the projections (checked when they are drawn again). None without VeRA layers."""
+    layers = [(name, layer.lora) for name, layer in lora_layers(model) if isinstance(layer, LinearWithVeRA)]
+    if not layers:
+        return None
+    first_name, first = layers[0]
+    for name, branch in layers[1:]:
+        if branch.A.shape != first.A.shape or not (torch.equal(branch.A, first.A) and torch.equal(branch.B, first.B)):
+            raise AdapterError(f"cannot save: the VeRA layers {first_name!r} and {name!r} use different projections, "
+                               "but VeRA shares one frozen pair A, B across all layers (build them with one call of "
+                               "replace_linear_with_variant(model, 'vera', ...))")
+    if first.projection_seed is None:
+        raise AdapterError(f"cannot save the VeRA layer {first_name!r}: its shared projections were not drawn with a "
+                           "known seed, so a file could not rebuild them. Build the layers with "
+                           "replace_linear_with_variant(model, 'vera', r, seed=...). Nothing was written.")
+    (in_max, rank), out_max = first.A.shape, first.B.shape[1]
+    a, b = vera_projections(in_max, out_max, rank, seed=first.projection_seed)
+    if not (torch.equal(a.to(first.A), first.A) and torch.equal(b.to(first.B), first.B)):
+        raise AdapterError(f"cannot save the VeRA layer {first_name!r}: its projections are not the ones "
+                           f"vera_projections({in_max}, {out_max}, {rank}, seed={first.projection_seed}) draws "
+                           "(were they changed by hand?), so a file could not rebuild them")
+    return {"seed": first.projection_seed, "in_max": in_max, "out_max": out_max, "rank": rank,
+            "sha256": _sha256({"A": a, "B": b})}
+
+
+def _check_saveable(model: nn.Module) -> None:
+    """Refuse, before anything else, a model whose adapter a file cannot hold faithfully."""
+    for name, layer in lora_layers(model):
+        if isinstance(layer, LinearWithPiSSA):
+            raise _pissa_refusal(name)
 
 
 def lora_state_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> dict[str, torch.Tensor]:
@@ -250,17 +360,21 @@ def adapter_metadata(model: nn.Module, modules_to_save: Iterable[str] = ()) -> d
     """The metadata ``save_adapter`` writes (without its checksum)."""
     _check_model(model)
     modules_to_save = _check_modules_to_save(model, modules_to_save)
-    return {
+    layers = {name: _layer_spec(name, layer) for name, layer in lora_layers(model)}
+    meta = {
         "format": FORMAT,
         "version": VERSION,
-        "layers": {name: {"rank": layer.lora.rank, "alpha": layer.lora.alpha, "scaling": layer.lora.scaling_name,
-                          "in_features": layer.in_features, "out_features": layer.out_features}
-                   for name, layer in lora_layers(model)},
+        "variant": _summary_variant(layers.values()),
+        "layers": layers,
         "modules_to_save": modules_to_save,
         "base_parameter_shapes": {k: list(v.shape) for k, v in base_state(model).items()},
         "base_weights_sha256": base_fingerprint(model, exclude=modules_to_save),
         "base_weights_bf16_sha256": _bf16_fingerprint(model, modules_to_save),
     }
+    vera = _vera_info(model)
+    if vera is not None:
+        meta["vera_projections"] = vera
+    return meta
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, modules_to_save: Iterable[str] = ()) -> dict:
@@ -268,12 +382,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, modules_to_save: Ite
 
     ``modules_to_save`` names fully trained modules (e.g. ``["out_head"]``, or ``"out_head"``)
     whose weights must travel with the adapter: without them a reloaded classifier gets a random
-    head. Refused before anything is written: a model without LoRA or with merged LoRA, NaN or
-    inf in the adapter, a missing folder, a folder as ``path``. The file is written whole or not
+    head. Variants are saved with what they need (module docstring). Refused before anything is
+    written: a model without LoRA or with merged LoRA, a PiSSA model (convert it with
+    ``variants.pissa_to_lora`` first), NaN or inf in the adapter, a missing folder, a folder as
+    ``path``. The file is written whole or not
     at all, with ordinary permissions (0o666 less the umask).
     """
     _check_model(model)
     path = _check_path(path)
+    _check_saveable(model)
     modules_to_save = _check_modules_to_save(model, modules_to_save)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model, modules_to_save).items()}
     bad = _non_finite(tensors)
@@ -338,12 +455,30 @@ def _check_metadata(meta, path: str) -> None:
         for key in ("rank", "in_features", "out_features"):
             if not _is_int(spec.get(key), 1):
                 raise bad(f"layer {name!r} has {key}={spec.get(key)!r}, not a positive integer")
+        kind = _spec_variant(spec)
+        if kind == "pissa":
+            raise AdapterError(f"{path!r} says layer {name!r} is a PiSSA layer, but PiSSA adapters are stored as plain "
+                               "LoRA on the original weights (variants.pissa_to_lora); this file was not written by "
+                               "save_adapter")
+        if kind not in FILE_VARIANTS:
+            raise AdapterError(f"{path!r}: layer {name!r} is a {kind!r} adapter, which this lora_course cannot load "
+                               f"(it reads {', '.join(FILE_VARIANTS)})")
+        if kind == "vera":
+            _check_vera_spec(meta, name, spec, bad)
+            continue
         if spec.get("scaling") not in SCALINGS:
             raise bad(f"layer {name!r} has scaling={spec.get('scaling')!r}; known: {', '.join(SCALINGS)}")
         try:
             lora_scaling(spec["rank"], spec.get("alpha"), spec["scaling"])
         except ValueError as err:
             raise bad(f"layer {name!r}: {err}") from err
+        if kind == "qlora" and (spec.get("blocksize") not in VALID_BLOCKSIZES or isinstance(spec.get("blocksize"), bool)
+                                or not isinstance(spec.get("double_quant"), bool)):
+            raise bad(f"QLoRA layer {name!r} has blocksize={spec.get('blocksize')!r}, "
+                      f"double_quant={spec.get('double_quant')!r}")
+    if "variant" in meta and meta["variant"] != _summary_variant(meta["layers"].values()):
+        raise bad(f"it calls the adapter {meta['variant']!r} but its layers make it "
+                  f"{_summary_variant(meta['layers'].values())!r}")
     if not all(isinstance(m, str) and m for m in meta["modules_to_save"]):
         raise bad("modules_to_save must be a list of module names")
     for key, shape in meta["base_parameter_shapes"].items():
@@ -353,12 +488,38 @@ def _check_metadata(meta, path: str) -> None:
         raise bad("base_weights_bf16_sha256 is not a string")
 
 
+def _check_vera_spec(meta: dict, name: str, spec: dict, bad) -> None:
+    """A VeRA layer: no alpha, scaling "vera", a d_initial, and the header's shared projections
+    (seed, shape, SHA-256) covering the layer."""
+    if spec.get("alpha") is not None or spec.get("scaling") != "vera":
+        raise bad(f"VeRA layer {name!r} has alpha={spec.get('alpha')!r}, scaling={spec.get('scaling')!r} "
+                  "(VeRA has no alpha; its scaling is 'vera')")
+    d_initial = spec.get("d_initial")
+    if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
+        raise bad(f"VeRA layer {name!r} has d_initial={d_initial!r}, not a finite number")
+    info = meta.get("vera_projections")
+    if not isinstance(info, dict) or not all(_is_int(info.get(k), 1) for k in ("in_max", "out_max", "rank")) \
+            or not _is_int(info.get("seed"), 0) or not isinstance(info.get("sha256"), str):
+        raise bad("it has VeRA layers but no valid 'vera_projections' (seed, in_max, out_max, rank, sha256)")
+    if info["rank"] != spec["rank"] or info["in_max"] < spec["in_features"] or info["out_max"] < spec["out_features"]:
+        raise bad(f"VeRA layer {name!r} ({spec['in_features']} -> {spec['out_features']}, rank {spec['rank']}) does "
+                  f"not fit the shared projections ({info['in_max']} x {info['rank']}, {info['rank']} x {info['out_max']})")
+
+
 def _expected_tensors(meta: dict) -> dict[str, list[int]]:
-    """The key and shape every LoRA tensor of the file must have, from its declared layers."""
+    """The key and shape every LoRA tensor of the file must have, from its declared layers:
+    A (in, r) and B (r, out); DoRA adds its magnitude (out,); VeRA has only λ_d (r,) and λ_b (out,)."""
     expected = {}
     for name, spec in meta["layers"].items():
+        kind = _spec_variant(spec)
+        if kind == "vera":
+            expected[f"{name}.lora.lambda_d"] = [spec["rank"]]
+            expected[f"{name}.lora.lambda_b"] = [spec["out_features"]]
+            continue
         expected[f"{name}.lora.A"] = [spec["in_features"], spec["rank"]]   # (in, r)
         expected[f"{name}.lora.B"] = [spec["rank"], spec["out_features"]]  # (r, out)
+        if kind == "dora":
+            expected[f"{name}.lora.magnitude"] = [spec["out_features"]]    # m, one per output row
     return expected
 
 
@@ -439,9 +600,100 @@ def inspect_adapter(path: str | os.PathLike) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Load
 # --------------------------------------------------------------------------------------------
-def _check_architecture(model: nn.Module, meta: dict, path: str) -> None:
+def _state_as_saved(model: nn.Module, meta: dict, path: str) -> dict[str, torch.Tensor]:
+    """``base_state(model)`` as the adapter's base model had it. A QLoRA file was saved from a base
+    whose adapted layers were stored in NF4: those layers, when still plain nn.Linear here, are
+    replaced by their NF4 codes and scales (quantization is deterministic), so the shapes and the
+    fingerprint can be compared. Nothing in the model changes."""
+    state = base_state(model)
+    for name, spec in meta["layers"].items():
+        if _spec_variant(spec) != "qlora":
+            continue
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # reported by the architecture check
+        if type(module) is nn.Linear and f"{name}.weight" in state:
+            try:
+                quantized = NF4Linear(module, spec["blocksize"], spec["double_quant"])
+            except ValueError as err:
+                raise AdapterError(f"{path!r} is a QLoRA adapter, but layer {name!r} of this model cannot be "
+                                   f"quantized as it was: {err}") from None
+            del state[f"{name}.weight"]
+            state.update({f"{name}.{k}": v for k, v in quantized.state_dict().items()})
+    return state
+
+
+def _check_variants(model: nn.Module, meta: dict, path: str) -> None:
+    """Refuse a PiSSA model, and a layer that already has a branch of another variant (or, for
+    QLoRA, another blocksize; for VeRA, other projections) than the file's."""
+    for name, layer in lora_layers(model):
+        if isinstance(layer, LinearWithPiSSA):
+            raise AdapterError(f"cannot load {path!r} into this model: its layer {name!r} is a PiSSA layer, whose base "
+                               "weight holds a residual, not the original weights. Load the adapter into the original "
+                               "base model (a PiSSA adapter is saved via pissa_to_lora as plain LoRA on it).")
+    for name, spec in meta["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # reported by the architecture check
+        if not isinstance(module, LinearWithLoRA):
+            continue
+        kind, here = _spec_variant(spec), layer_variant(module)
+        if kind != here:
+            raise AdapterError(f"{path!r} holds a {kind} adapter, but layer {name!r} of this model already has a {here} "
+                               f"branch ({type(module).__name__}). Load it into a fresh base model, or call "
+                               "remove_lora(model) first. The model is unchanged.")
+        if kind == "qlora" and (module.linear.blocksize, bool(module.linear.double_quant)) != \
+                (spec["blocksize"], spec["double_quant"]):
+            raise AdapterError(f"{path!r} was trained on a base quantized with blocksize {spec['blocksize']}, double "
+                               f"quantization {spec['double_quant']}, but layer {name!r} of this model uses blocksize "
+                               f"{module.linear.blocksize}, double quantization {module.linear.double_quant}")
+        if kind == "vera":
+            info = meta["vera_projections"]
+            branch = module.lora
+            if list(branch.A.shape) != [info["in_max"], info["rank"]] or list(branch.B.shape) != \
+                    [info["rank"], info["out_max"]] or _sha256({"A": branch.A.float(), "B": branch.B.float()}) != info["sha256"]:
+                raise AdapterError(f"{path!r} was trained with other VeRA projections (seed {info['seed']}) than layer "
+                                   f"{name!r} of this model has: λ_d and λ_b scale those exact random matrices. Load it "
+                                   "into a fresh base model.")
+
+
+def _vera_projections_for(meta: dict, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The file's shared VeRA projections, drawn again from their seed and checked by SHA-256."""
+    info = meta.get("vera_projections")
+    if not any(_spec_variant(spec) == "vera" for spec in meta["layers"].values()):
+        return None
+    a, b = vera_projections(info["in_max"], info["out_max"], info["rank"], seed=info["seed"])
+    if _sha256({"A": a, "B": b}) != info["sha256"]:
+        raise AdapterError(f"{path!r}: the VeRA projections drawn again from seed {info['seed']} do not match the ones "
+                           "the adapter was trained with (another torch version draws other random numbers?). "
+                           "Refused: λ_d and λ_b would scale other matrices.")
+    return a, b
+
+
+def _new_wrapper(module: nn.Linear, name: str, spec: dict, shared, path: str) -> LinearWithLoRA:
+    """The branch a file's layer spec describes, built around ``module`` (which is not changed)."""
+    kind = _spec_variant(spec)
+    try:
+        if kind == "dora":
+            return LinearWithDoRA(module, spec["rank"], spec["alpha"], scaling=spec["scaling"])
+        if kind == "qlora":
+            return LinearWithQLoRA(module, spec["rank"], spec["alpha"], scaling=spec["scaling"],
+                                   blocksize=spec["blocksize"], double_quant=spec["double_quant"])
+        if kind == "vera":
+            a, b = (t.to(device=module.weight.device, dtype=module.weight.dtype) for t in shared)
+            layer = LinearWithVeRA(module, a, b, d_initial=spec["d_initial"])
+            layer.lora.projection_seed = None  # set by load_adapter once every layer is built
+            return layer
+        return LinearWithLoRA(module, spec["rank"], spec["alpha"], scaling=spec["scaling"])
+    except ValueError as err:
+        raise AdapterError(f"{path!r}: cannot build the {kind} layer {name!r} on this model: {err}") from None
+
+
+def _check_architecture(model: nn.Module, meta: dict, path: str, state: dict | None = None) -> None:
     saved = meta["base_parameter_shapes"]
-    current = {k: list(v.shape) for k, v in base_state(model).items()}
+    current = {k: list(v.shape) for k, v in (base_state(model) if state is None else state).items()}
 
     def hint(key: str) -> str:
         module = key.rpartition(".")[0]
@@ -463,12 +715,13 @@ def _check_architecture(model: nn.Module, meta: dict, path: str) -> None:
                                f"here{hint(key)}")
 
 
-def _check_base_weights(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
+def _check_base_weights(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], path: str,
+                        state: dict | None = None) -> None:
     exclude = meta["modules_to_save"]
-    if base_fingerprint(model, exclude=exclude) == meta["base_weights_sha256"]:
+    if _sha256(_fingerprint_state(model, exclude, state)) == meta["base_weights_sha256"]:
         return
     bf16 = meta.get("base_weights_bf16_sha256")
-    if bf16 and _bf16_fingerprint(model, exclude) == bf16:
+    if bf16 and _bf16_fingerprint(model, exclude, state) == bf16:
         here = sorted({str(v.dtype).replace("torch.", "") for v in base_state(model).values() if v.is_floating_point()})
         saved = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values() if v.is_floating_point()})
         raise AdapterError(
@@ -522,7 +775,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
                  check_base_weights: bool = True) -> dict:
     """Apply an adapter file to ``model`` (in place) and return its metadata.
 
-    If the model has no LoRA layers yet, they are added as recorded in the file. Every check runs
+    If the model has no LoRA layers yet, they are added as recorded in the file (a DoRA, VeRA or
+    QLoRA file builds DoRA, VeRA or QLoRA layers; a layer that already has a branch must be of the
+    file's variant). Every check runs
     before anything is changed, so a refused file leaves the model exactly as it was (weights,
     layers, requires_grad flags). Refused: a model whose LoRA is merged (unmerge first), a file
     for another architecture or other base weights, and any file ``read_adapter`` refuses.
@@ -541,10 +796,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
         raise AdapterError(f"cannot load {path!r}: the model's LoRA is merged into its weights ({merged[0]!r}, "
                            f"{len(merged)} layer(s)), so the base weights are not what the adapter expects. "
                            "Call unmerge_lora_(model) first.")
-    _check_architecture(model, meta, path)
+    _check_variants(model, meta, path)
+    state_as_saved = _state_as_saved(model, meta, path)
+    _check_architecture(model, meta, path, state_as_saved)
     modules_to_save = _check_modules_to_save(model, meta["modules_to_save"])
     if check_base_weights:
-        _check_base_weights(model, meta, tensors, path)
+        _check_base_weights(model, meta, tensors, path, state_as_saved)
     modules = _plan_layers(model, meta, path)
 
     # Every tensor must have a home of the right shape in the model (computed before any change).
@@ -559,16 +816,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
 
     # Build everything that can fail (new wrappers and scalings) before changing the model.
     new_wrappers, new_scalings = {}, {}
+    shared = _vera_projections_for(meta, path)
     with _rank_warning_given():
         for name, spec in meta["layers"].items():
             module = modules[name]
             if isinstance(module, LinearWithLoRA):
-                new_scalings[name] = lora_scaling(spec["rank"], spec["alpha"], spec["scaling"])
+                if _spec_variant(spec) != "vera":  # VeRA has no scaling to set
+                    new_scalings[name] = lora_scaling(spec["rank"], spec["alpha"], spec["scaling"])
             else:
-                new_wrappers[name] = LinearWithLoRA(module, spec["rank"], spec["alpha"], scaling=spec["scaling"])
+                new_wrappers[name] = _new_wrapper(module, name, spec, shared, path)
 
     # All checks passed: now change the model.
     for name, wrapper in new_wrappers.items():
+        if isinstance(wrapper, LinearWithVeRA):
+            wrapper.lora.projection_seed = meta["vera_projections"]["seed"]
         _set_submodule(model, name, wrapper)
     for name, scaling in new_scalings.items():
         lora, spec = modules[name].lora, meta["layers"][name]

@@ -11,7 +11,13 @@ because it keeps them as ``nn.Linear`` layers (weight = out × in):
     s = alpha  (raw, no PEFT flag)  lora_alpha / r with lora_alpha = alpha · r
     modules_to_save (a new head)    base_model.model.<module>.weight / .bias
 
-so both compute h = W x + s · Bᵀ(Aᵀ x) = x Wᵀ + s · x A B. An adapter folder holds
+    DoRA's magnitude m: (out,)      base_model.model.<layer>.lora_magnitude_vector: (out,), use_dora
+
+so both compute h = W x + s · Bᵀ(Aᵀ x) = x Wᵀ + s · x A B (DoRA: rescaled per row by m/‖W + ΔW‖).
+rsLoRA and DoRA travel both ways; PiSSA is exported after ``variants.pissa_to_lora`` (a plain
+LoRA on the original base, as PEFT's ``path_initial_model_for_weight_conversion`` writes it);
+VeRA and QLoRA layers are refused (PEFT stores VeRA as a VeraConfig, and a QLoRA adapter only
+means the same model on the same 4-bit base). An adapter folder holds
 ``adapter_config.json`` (a ``LoraConfig``) and ``adapter_model.safetensors``; ``PeftModel.from_pretrained``
 reads it. This module writes and reads that format without importing ``peft``, so the tests can
 check it against the real package independently.
@@ -35,6 +41,8 @@ from .adapters import (_check_modules_to_save, _check_path, _fsync, _non_finite,
 from .errors import AdapterError, check_bool, check_names
 from .lora import (LinearWithLoRA, _aliases, _check_alpha, _check_dropout, _check_model, _matches,
                    _rank_warning_given, _set_submodule, _unsupported_reason, lora_layers, lora_scaling)
+from .variants import LinearWithDoRA, LinearWithPiSSA, LinearWithVeRA
+from .quantization import LinearWithQLoRA
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,6 +69,49 @@ EQUIVALENTS = [
 ]
 
 
+#: lora_course variants → PEFT, for the table in notebook 10.
+VARIANT_EQUIVALENTS = [
+    ('replace_linear_with_variant(model, "rslora", r, alpha)', "LoraConfig(r=r, lora_alpha=alpha, use_rslora=True)"),
+    ("loraplus_param_groups(model, lr, ratio=16)",
+     "peft.optimizers.create_loraplus_optimizer(model, optimizer_cls, lr=lr, loraplus_lr_ratio=16)"),
+    ('replace_linear_with_variant(model, "dora", r, alpha)', "LoraConfig(r=r, lora_alpha=alpha, use_dora=True)"),
+    ('replace_linear_with_variant(model, "pissa", r, alpha)', 'LoraConfig(..., init_lora_weights="pissa")'),
+    ("pissa_to_lora(model, base_model=original)",
+     "peft_model.save_pretrained(folder, path_initial_model_for_weight_conversion=initial_folder)"),
+    ('replace_linear_with_variant(model, "vera", r)', "VeraConfig(r=r, projection_prng_key=seed)"),
+    ('replace_linear_with_variant(model, "qlora", r, alpha)',
+     'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) + LoraConfig'),
+]
+
+
+def _exportable_layers(model: nn.Module) -> list[tuple[str, LinearWithLoRA]]:
+    """The LoRA layers, if PEFT's LoraConfig can describe them all: plain LoRA (any scaling) or
+    DoRA, not both (PEFT has one use_dora per adapter); PiSSA, VeRA and QLoRA are refused."""
+    layers = list(lora_layers(model))
+    for name, layer in layers:
+        if isinstance(layer, LinearWithPiSSA):
+            raise AdapterError(f"cannot export layer {name!r}: it is a PiSSA layer, whose base weight holds the residual "
+                               "W − s·A₀B₀, so its A and B mean something only on that residual. Convert it first, "
+                               "as PEFT does when saving PiSSA: plain = pissa_to_lora(model, base_model=<an unwrapped "
+                               "copy of the original model>), then export_peft_adapter(plain, folder). Nothing was written.")
+        if isinstance(layer, LinearWithVeRA):
+            raise AdapterError(f"cannot export layer {name!r}: VeRA is not a LoRA adapter in PEFT (it is a VeraConfig with "
+                               "shared projections); export_peft_adapter writes LoRA, rsLoRA and DoRA. Save it with "
+                               "save_adapter instead. Nothing was written.")
+        if isinstance(layer, LinearWithQLoRA):
+            raise AdapterError(f"cannot export layer {name!r}: it is a QLoRA layer, trained on a 4-bit NF4 base. PEFT would "
+                               "apply its A and B to whatever base it is given (an fp32 base is another model), so the "
+                               "export is refused; save it with save_adapter, whose file records the quantization, or "
+                               "merge_and_unload(model) for an fp32 model. Nothing was written.")
+    kinds = {isinstance(layer, LinearWithDoRA) for _, layer in layers}
+    if len(kinds) > 1:
+        dora = next(n for n, l in layers if isinstance(l, LinearWithDoRA))
+        plain = next(n for n, l in layers if not isinstance(l, LinearWithDoRA))
+        raise AdapterError(f"cannot export: layer {dora!r} is DoRA but {plain!r} is plain LoRA, and PEFT has one "
+                           "use_dora per adapter. Use one variant for every layer. Nothing was written.")
+    return layers
+
+
 # --------------------------------------------------------------------------------------------
 # Scaling conventions
 # --------------------------------------------------------------------------------------------
@@ -83,7 +134,7 @@ def peft_state_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> di
     parameters of ``modules_to_save``. Load it into a PeftModel with ``set_peft_model_state_dict``."""
     _check_model(model)
     modules_to_save = _check_modules_to_save(model, modules_to_save)
-    layers = list(lora_layers(model))
+    layers = _exportable_layers(model)
     if not layers:
         raise AdapterError("the model has no LoRA layers, so there is no adapter to export; "
                            "add them with replace_linear_with_lora(model, rank, alpha)")
@@ -93,6 +144,8 @@ def peft_state_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> di
     for name, layer in layers:
         state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora.A.detach().T.contiguous().clone()  # (r, in)
         state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora.B.detach().T.contiguous().clone()  # (out, r)
+        if isinstance(layer, LinearWithDoRA):
+            state[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora.magnitude.detach().contiguous().clone()  # (out,)
     for name, module in model.named_modules():
         if name and _matches(name, modules_to_save):
             for pname, p in module.named_parameters():
@@ -104,12 +157,15 @@ def peft_config_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> d
     """A ``LoraConfig`` (as the dict PEFT writes to adapter_config.json) describing the model's LoRA layers.
 
     ``target_modules`` lists the adapted layers by full name. The first layer sets ``r`` and
-    ``lora_alpha``; layers that differ get ``rank_pattern`` / ``alpha_pattern`` entries."""
+    ``lora_alpha``; layers that differ get ``rank_pattern`` / ``alpha_pattern`` entries.
+    ``use_rslora`` is set when every layer scales by alpha/sqrt(rank), ``use_dora`` when every
+    layer is DoRA."""
     _check_model(model)
     modules_to_save = _check_modules_to_save(model, modules_to_save)
-    layers = list(lora_layers(model))
+    layers = _exportable_layers(model)
     if not layers:
         raise AdapterError("the model has no LoRA layers, so there is no adapter to export")
+    use_dora = all(isinstance(layer, LinearWithDoRA) for _, layer in layers)
     conventions = {layer.lora.scaling_name for _, layer in layers}
     use_rslora = conventions == {"alpha/sqrt(rank)"}
     specs = {}
@@ -141,7 +197,7 @@ def peft_config_dict(model: nn.Module, modules_to_save: Iterable[str] = ()) -> d
         "alpha_pattern": {"^" + re.escape(n): a for n, (_, a) in specs.items() if a != first_alpha},
         "bias": "none",
         "lora_bias": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -230,7 +286,6 @@ def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, modules_to_
 # LoraConfig options that change what the adapter computes in ways the course's layer does not
 # implement. Importing such an adapter would silently compute something else, so we refuse.
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "bias": ("none", None),
     "fan_in_fan_out": (False, None),
@@ -250,7 +305,7 @@ def _pattern_value(patterns: dict, name: str, default):
 
 def _check_config(config, where: str) -> dict:
     """The LoraConfig fields the import uses, each checked (PEFT's defaults where absent):
-    r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, lora_dropout, modules_to_save."""
+    r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, use_dora, lora_dropout, modules_to_save."""
     def bad(what: str, err: Exception | None = None) -> AdapterError:
         return AdapterError(f"{where!r}: {CONFIG_NAME} has {what}; it is not a config PEFT writes")
 
@@ -282,8 +337,10 @@ def _check_config(config, where: str) -> dict:
             _check_alpha(value)
         except ValueError as err:
             raise bad(f"{key} value {value!r}, not a finite positive number", err) from err
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise bad(f"use_rslora={config['use_rslora']!r} (not true or false)")
+    for flag in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(flag) or False, bool):
+            raise bad(f"{flag}={config[flag]!r} (not true or false)")
+    checked["use_dora"] = bool(config.get("use_dora") or False)
     try:
         checked["lora_dropout"] = _check_dropout(config.get("lora_dropout") or 0.0)
     except ValueError as err:
@@ -298,7 +355,7 @@ def _check_config(config, where: str) -> dict:
 def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a PEFT LoRA adapter folder: returns (config dict, tensors). Raises AdapterError with a
     clear message if the folder is not a LoRA adapter, is unreadable, uses an option the course
-    does not implement (DoRA, bias training, Conv1D layout, ...), or holds NaN or inf."""
+    does not implement (bias training, Conv1D layout, ...), or holds NaN or inf."""
     folder = Path(_check_path(folder, "folder"))
     if folder.is_file():
         raise AdapterError(f"{str(folder)!r} is a file; a PEFT adapter is a folder holding {CONFIG_NAME} and "
@@ -329,7 +386,8 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
 def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainable: bool = False) -> dict:
     """Apply a PEFT LoRA adapter folder to a lora_course model (in place); returns the config.
 
-    The adapted layers are read from the file's keys; each gets a ``LinearWithLoRA`` with
+    The adapted layers are read from the file's keys; each gets a ``LinearWithLoRA`` (with
+    ``use_dora``, a ``LinearWithDoRA`` whose magnitude is ``lora_magnitude_vector``) with
     A = lora_Aᵀ, B = lora_Bᵀ and PEFT's scaling (``alpha/rank``, or ``alpha/sqrt(rank)`` with
     ``use_rslora``). ``modules_to_save`` tensors (a head) are copied into the model; the file may
     hold no other base weight. Every check runs before the model is changed, so a refused adapter
@@ -353,8 +411,13 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
             raise AdapterError(f"{where!r}: tensor {key!r} does not start with {PREFIX!r}, so it is not in PEFT's format")
         name = key[len(PREFIX):]
         match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        magnitude = re.fullmatch(r"(.+)\.lora_magnitude_vector(\.weight)?", name)
         if match:
             layers.setdefault(match.group(1), {})[match.group(2)] = value
+        elif magnitude:
+            if not options["use_dora"]:
+                raise AdapterError(f"{where!r}: {key!r} is a DoRA magnitude, but the config has use_dora=false")
+            layers.setdefault(magnitude.group(1), {})["m"] = value
         elif "lora_" in name:
             raise AdapterError(f"{where!r}: {key!r} is a kind of LoRA tensor lora_course does not support "
                                "(only Linear layers: lora_A.weight and lora_B.weight)")
@@ -372,8 +435,12 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
     aliases = _aliases(model)
     plan = {}
     for name, pair in sorted(layers.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{where!r}: layer {name!r} has lora_{'A' if 'B' in pair else 'B'} but not the other")
+        if not {"A", "B"} <= set(pair):
+            raise AdapterError(f"{where!r}: layer {name!r} has " +
+                               (f"lora_{'A' if 'A' in pair else 'B'} but not the other" if set(pair) & {"A", "B"}
+                                else "a DoRA magnitude but no lora_A / lora_B"))
+        if options["use_dora"] and "m" not in pair:
+            raise AdapterError(f"{where!r}: the config has use_dora=true, but layer {name!r} has no lora_magnitude_vector")
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -391,7 +458,15 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
         if rank != expected_rank:
             raise AdapterError(f"{where!r}: layer {name!r} has rank {rank} in the weights but {expected_rank} in the config")
         alpha = _pattern_value(options["alpha_pattern"], name, config.get("lora_alpha", 8))
+        if "m" in pair and (pair["m"].ndim != 1 or pair["m"].shape[0] != module.out_features):
+            raise AdapterError(f"{where!r}: layer {name!r} has a DoRA magnitude of shape {tuple(pair['m'].shape)}, "
+                               f"not ({module.out_features},)")
         if isinstance(module, LinearWithLoRA):
+            kind = "DoRA" if isinstance(module, LinearWithDoRA) else type(module).__name__
+            if type(module) is not (LinearWithDoRA if options["use_dora"] else LinearWithLoRA):
+                raise AdapterError(f"{where!r} is a {'DoRA' if options['use_dora'] else 'plain LoRA'} adapter, but layer "
+                                   f"{name!r} of this model already has a {kind} branch. Call remove_lora(model) first, "
+                                   "or load it into a fresh model.")
             if module.lora.rank != rank:
                 raise AdapterError(f"{where!r}: layer {name!r} already has LoRA of rank {module.lora.rank}, the "
                                    f"adapter has rank {rank}. Call remove_lora(model) first.")
@@ -419,7 +494,11 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
             if isinstance(module, LinearWithLoRA):
                 targets[name] = (module, False, _check_alpha(alpha), lora_scaling(rank, alpha, scaling))
             else:
-                wrapper = LinearWithLoRA(module, rank, alpha, scaling=scaling, dropout=options["lora_dropout"])
+                layer_class = LinearWithDoRA if options["use_dora"] else LinearWithLoRA
+                try:
+                    wrapper = layer_class(module, rank, alpha, scaling=scaling, dropout=options["lora_dropout"])
+                except ValueError as err:  # e.g. DoRA on a weight with a zero row
+                    raise AdapterError(f"{where!r}: cannot build layer {name!r}: {err}") from None
                 targets[name] = (wrapper, True, wrapper.lora.alpha, wrapper.lora.scaling)
 
     # All checks passed: change the model.
@@ -431,6 +510,8 @@ def import_peft_adapter(model: nn.Module, folder: str | os.PathLike, *, trainabl
                 module.lora.alpha, module.lora.scaling_name, module.lora.scaling = alpha, scaling, s
             module.lora.A.copy_(layers[name]["A"].T)
             module.lora.B.copy_(layers[name]["B"].T)
+            if "m" in layers[name]:
+                module.lora.magnitude.copy_(layers[name]["m"])
         state = model.state_dict()
         for key, value in saved.items():
             state[key].copy_(value)

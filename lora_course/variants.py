@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import ArgumentTypeError, NonFiniteError, UnsupportedLayerError, check_int
 from .lora import (LinearWithLoRA, LoRALayer, LoRAReport, _aliases, _all_finite, _attention_linear_reason,
@@ -424,6 +425,7 @@ class VeRALayer(LoRALayer):
                              "build them with vera_projections(in_max, out_max, r)")
         self.in_dim, self.out_dim, self.rank, self.d_initial = in_dim, out_dim, rank, float(d_initial)
         self.alpha, self.scaling_name, self.scaling = None, "vera", 1.0
+        self.projection_seed: int | None = None  # set when A, B come from vera_projections(..., seed)
         self.register_buffer("A", shared_a, persistent=False)  # (in_max, r), frozen, shared
         self.register_buffer("B", shared_b, persistent=False)  # (r, out_max), frozen, shared
         self.lambda_d = nn.Parameter(torch.full((rank,), float(d_initial)))  # (r,)
@@ -525,8 +527,11 @@ def replace_linear_with_variant(model: nn.Module, variant: str, rank: int, alpha
         raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(map(repr, VARIANTS))}")
     rank = _check_rank(rank)
     if variant == "vera":
-        if alpha is not None or scaling is not None:
+        # experiments.build_model passes every spec's scaling, whose default is "alpha/rank": that
+        # default says nothing about VeRA and is accepted; any other value is a mistake.
+        if alpha is not None or scaling not in (None, "alpha/rank"):
             raise ValueError("VeRA has no alpha or scaling (its trainable vectors carry the scale); leave them out")
+        scaling = None
     else:
         if alpha is None:
             raise ValueError(f"variant {variant!r} needs alpha (e.g. alpha = rank for s = 1)")
@@ -594,6 +599,7 @@ def replace_linear_with_variant(model: nn.Module, variant: str, rank: int, alpha
         for name, module in plan:
             if variant == "vera":
                 layer = LinearWithVeRA(module, shared_a, shared_b, d_initial=d_initial, dropout=dropout)
+                layer.lora.projection_seed = 0 if seed is None else seed  # adapter files re-draw A, B from it
             elif variant == "qlora":
                 layer = LinearWithQLoRA(module, rank, alpha, scaling=scaling, dropout=dropout,
                                         blocksize=blocksize, double_quant=double_quant)
@@ -643,6 +649,77 @@ def magnitude_direction_change(initial: torch.Tensor, weights) -> tuple[list[flo
         delta_m.append((torch.linalg.norm(w, dim=1) - m0).abs().mean().item())
         delta_d.append((1 - F.cosine_similarity(w, w0, dim=1)).mean().item())
     return delta_m, delta_d
+
+
+def magnitude_direction_slope(delta_m, delta_d) -> dict:
+    """The paper's summary of a ΔM-against-ΔD scatter (Fig. 2): the least-squares slope of ΔM on
+    ΔD and their Pearson correlation. Positive: magnitude and direction change together (the
+    paper's LoRA); negative: one grows while the other shrinks (the paper's full FT and DoRA)."""
+    m, d = torch.tensor(list(delta_m), dtype=torch.float64), torch.tensor(list(delta_d), dtype=torch.float64)
+    if m.shape != d.shape or m.numel() < 3:
+        raise ValueError(f"give the same number (at least 3) of ΔM and ΔD values, got {m.numel()} and {d.numel()}")
+    dm, dd = m - m.mean(), d - d.mean()
+    if float((dd * dd).sum()) == 0 or float((dm * dm).sum()) == 0:
+        raise ValueError("ΔM or ΔD is constant over the checkpoints: there is no slope to fit")
+    slope = float((dm * dd).sum() / (dd * dd).sum())
+    corr = float((dm * dd).sum() / torch.sqrt((dm * dm).sum() * (dd * dd).sum()))
+    return {"slope": slope, "corr": corr}
+
+
+class WeightRecorder:
+    """Records the effective weight (``effective_weight``) of some layers of ``model`` before
+    training and after every ``every``-th optimizer step, for DoRA's analysis.
+
+        recorder = WeightRecorder(model, ["trf_blocks.0.att.W_query"], every=25)
+        with recorder:
+            train_classifier(model, ...)
+        recorder.weights["trf_blocks.0.att.W_query"]   # [W at step 0, at step 25, ...]
+
+    It uses torch's global optimizer hook (``register_optimizer_step_post_hook``), so the training
+    loop needs no change; steps of optimizers that hold none of the model's parameters are ignored.
+    """
+
+    def __init__(self, model: nn.Module, names, every: int):
+        self.model, self.names = model, list(names)
+        self.every = check_int(every, "every", minimum=1)
+        for name in self.names:
+            layer = model.get_submodule(name)
+            if not isinstance(layer, (nn.Linear, LinearWithLoRA)):
+                raise TypeError(f"{name!r} is a {type(layer).__name__}; record nn.Linear or LoRA layers")
+        self.weights = {name: [effective_weight(model.get_submodule(name))] for name in self.names}
+        self.steps, self._count, self._handle = [0], 0, None
+        self._ids = {id(p) for p in model.parameters()}
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        if not any(id(p) in self._ids for group in optimizer.param_groups for p in group["params"]):
+            return
+        self._count += 1
+        if self._count % self.every == 0:
+            self.steps.append(self._count)
+            for name in self.names:
+                self.weights[name].append(effective_weight(self.model.get_submodule(name)))
+
+    def __enter__(self) -> "WeightRecorder":
+        self._handle = register_optimizer_step_post_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def steps_to_target(losses, target: float, window: int = 20) -> int | None:
+    """The first step (1-based) at which the running mean of the last ``window`` training losses is
+    at or below ``target``; None if it never gets there. The mean smooths batch-to-batch noise."""
+    losses = [float(v) for v in losses]
+    window = check_int(window, "window", minimum=1)
+    total = 0.0
+    for step, value in enumerate(losses, 1):
+        total += value
+        if step > window:
+            total -= losses[step - 1 - window]
+        if step >= window and total / window <= target:
+            return step
+    return None
 
 
 @torch.no_grad()

@@ -139,11 +139,12 @@ def test_round_trip_course_peft_course(tmp_path):
 
 def test_unsupported_peft_options_refused_without_change(tmp_path):
     base = classifier()
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["W_query"], use_dora=True))
+    # a bias on the LoRA branch (lora_bias) is something the course's layer does not compute
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["W_query"], lora_bias=True))
     peft_model.save_pretrained(tmp_path)
     target = copy.deepcopy(base)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(AdapterError, match="use_dora"):
+    with pytest.raises(AdapterError, match="lora_bias"):
         import_peft_adapter(target, tmp_path)
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
     assert isinstance(target.trf_blocks[0].att.W_query, nn.Linear)
@@ -200,3 +201,40 @@ def test_rank_above_min_in_out_is_accepted_and_counted_as_peft_does(tmp_path):
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "r16").eval()
     x = torch.randn(3, 768)
     torch.testing.assert_close(loaded(x), course(x), rtol=1e-5, atol=1e-5)
+
+
+def _peft_dora(base, tmp_path):
+    """A real PEFT DoRA adapter with B and the magnitudes moved away from their initial values."""
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS,
+                                                                 use_dora=True, modules_to_save=["out_head"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(tmp_path)
+    return peft_model.eval()
+
+
+def test_peft_dora_adapter_imports_and_computes_the_same(tmp_path):
+    from lora_course.variants import LinearWithDoRA
+    base = classifier()
+    reference = _peft_dora(base, tmp_path)
+    course = copy.deepcopy(base)
+    import_peft_adapter(course, tmp_path)
+    assert isinstance(course.trf_blocks[0].att.W_query, LinearWithDoRA)
+    x = tokens()
+    torch.testing.assert_close(course.eval()(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_course_dora_exports_to_peft_and_back(tmp_path):
+    base = classifier()
+    _peft_dora(base, tmp_path / "peft")
+    course = copy.deepcopy(base)
+    import_peft_adapter(course, tmp_path / "peft")
+    export_peft_adapter(course, tmp_path / "course", modules_to_save=["out_head"])
+    config = json.loads((tmp_path / "course" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "course").eval()
+    x = tokens()
+    torch.testing.assert_close(reloaded(x), course.eval()(x), rtol=1e-5, atol=1e-5)
