@@ -132,7 +132,10 @@ def check_lora_parameter_count(fn) -> CheckResult:
     """Exercise: ``fn(in_features, out_features, rank)`` returns how many numbers LoRA trains for
     one adapted nn.Linear of that size (A: in × r, B: r × out, no bias)."""
     name = "count LoRA's parameters"
-    cases = [(64, 256, 4), (256, 64, 2), (64, 64, 8), (768, 3072, 16)]  # non-square first: each slip gives a distinct number
+    # The course GPT's shapes (48 → 192 and 192 → 48 feed-forward layers, 48 × 48 attention) and
+    # GPT-2 small's first feed-forward layer (768 → 3072). Non-square first: each slip below gives a
+    # distinct number there (48·192 = 9,216, A only 4·48 = 192, B only 4·192 = 768, right 4·240 = 960).
+    cases = [(48, 192, 4), (192, 48, 2), (48, 48, 8), (768, 3072, 16)]
     for in_f, out_f, r in cases:
         got, problem = _call(name, fn, in_f, out_f, r)
         if problem is not None:
@@ -157,8 +160,117 @@ def check_lora_parameter_count(fn) -> CheckResult:
                  2 * r * in_f: "A and B have different shapes when in != out: A is in × r, B is r × out"}
         return CheckResult(name, INCORRECT, where, [wrong.get(got, "A is (in_features × rank), B is (rank × out_features): "
                                                               "add their sizes")])
-    return CheckResult(name, CORRECT, "r·(in + out) for every case, e.g. 8·(64 + 64) = 1,024 for a 64×64 "
-                       "W_query at rank 8, against 4,096 for the full matrix")
+    from .gpt import load_pretrained_gpt
+
+    query = load_pretrained_gpt().trf_blocks[0].att.W_query   # the example is read off the course GPT
+    i, o, r = query.in_features, query.out_features, 8
+    return CheckResult(name, CORRECT, f"r·(in + out) for every case, e.g. {r}·({i} + {o}) = {r * (i + o):,} for the "
+                       f"course GPT's {o}×{i} W_query at rank {r}, against {i * o:,} for the full matrix")
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise: count the trainable parameters of a whole LoRA classifier
+# ------------------------------------------------------------------------------------------------
+#: The main experiment's LoRA classifier (notebook 04): the course GPT with a new head for the main
+#: task, LoRA at this rank on these targets (a key of ``experiments.TARGETS``), the head trained fully.
+CLASSIFIER_COUNT_EXERCISE = {"rank": 4, "targets": "q,v"}
+
+
+def _whole_number(name: str, value):
+    """(int, None), or (None, CheckResult) for a placeholder or anything but a whole number."""
+    if value is None or value is Ellipsis:
+        return None, _not_done(name)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None, CheckResult(name, INCORRECT, f"a count is a whole number, got {value!r} ({type(value).__name__})",
+                                 ["give an int, e.g. int(count)"] if isinstance(value, numbers.Real) else [])
+    return int(value), None
+
+
+def _classifier_counts(rank: int, targets: str, task: str | None) -> tuple[int, int, dict[int, list[str]]]:
+    """(trainable parameters of the LoRA classifier, counted on the model ``build_model``
+    returns; what full fine-tuning of the same classifier trains; {wrong count: hints} for the
+    usual slips), each slip computed from the same model's layer shapes, never from constants.
+    Two slips can give the same number (on square matrices "A only" equals "one of q, v"); that
+    number then carries both hints."""
+    from . import data
+    from .experiments import RunSpec, build_model
+    from .gpt import load_pretrained_gpt
+    from .lora import lora_layers
+
+    task = data.MAIN_TASK if task is None else task
+    base = load_pretrained_gpt()
+    classes = data.num_classes(task)
+    model = build_model(base, RunSpec("exercise", 1e-3, rank=rank, targets=targets), num_classes=classes)
+    right = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    named = [(re.sub(r"^trf_blocks\.\d+\.", "", n), layer) for n, layer in lora_layers(model)]
+    layers = [layer for _, layer in named]
+    n_blocks = len(model.trf_blocks)
+    kind_names = list(dict.fromkeys(kind for kind, _ in named))          # "att.W_query", ..., in model order
+    kinds = [_short_name(k, kind_names) for k in kind_names]             # "W_query", ..., "ff.layers.0"
+    emb, head_weight = model.out_head.in_features, model.out_head.weight.numel()
+    head = sum(p.numel() for p in model.out_head.parameters())                      # weight and bias: emb·k + k
+    lora = sum(rank * (m.in_features + m.out_features) for m in layers)            # r·(in + out) per matrix
+    a_only = sum(rank * m.in_features for m in layers)
+    b_only = sum(rank * m.out_features for m in layers)
+    full_w = sum(m.in_features * m.out_features for m in layers)
+    everything = sum(p.numel() for p in model.parameters())                       # frozen + A, B + head
+    full = sum(p.numel() for n, p in base.named_parameters() if not n.startswith("out_head.")) + head  # body + head
+    pretrain_head = sum(p.numel() for p in base.out_head.parameters())            # the LM head, emb → vocabulary
+    slips: dict[int, list[str]] = {}
+
+    def slip(value: int, hint: str) -> None:
+        if value != right:
+            slips.setdefault(value, []).append(hint)
+
+    slip(lora, f"you forgot the new head: it trains fully (modules_to_save), {emb}·{classes} weights + "
+               f"{classes} biases = {head}")
+    slip(a_only + head, "you counted only A (in × r) in each adapted matrix; B (r × out) trains too")
+    slip(b_only + head, "you counted only B (r × out) in each adapted matrix; A (in × r) trains too")
+    slip(sum(rank * m.in_features * m.out_features for m in layers) + head,
+         "r·in·out is the size of r full matrices; LoRA stores A (in × r) and B (r × out): r·(in + out) each")
+    slip(full_w + head, "that counts the full weights W of the adapted layers, which LoRA freezes; count A and B")
+    slip(full_w + lora + head, "you added the frozen W of the adapted layers; only A, B and the head train")
+    slip(lora // n_blocks + head, f"that is one block: the course GPT has {n_blocks}, each with its own "
+                                  f"{', '.join(kinds)}")
+    if len(kinds) > 1:   # only one kind of matrix counted (kinds of equal size give the same number)
+        by_total: dict[int, list[str]] = {}
+        for kind_name, short in zip(kind_names, kinds):
+            total = sum(rank * (m.in_features + m.out_features) for k, m in named if k == kind_name) + head
+            by_total.setdefault(total, []).append(short)
+        for total, group in by_total.items():
+            slip(total, f"that counts only {' or only '.join(group)}; {targets!r} adapts {', '.join(kinds)} "
+                        "in every block")
+    slip(lora + head_weight, f"the head has a bias too: {classes} more numbers")
+    slip(lora + pretrain_head, f"that is the pretraining head ({emb} → {base.out_head.out_features} words); the "
+                               f"classifier replaces it with a new {emb} → {classes} head")
+    # a 2-class head (spam's, or appendix E's): emb·2 weights + 2 biases
+    slip(lora + emb * 2 + 2, f"that is a 2-class head; the {task!r} task has {classes} classes")
+    slip(everything, "that is every parameter of the model; under LoRA only A, B and the new head train")
+    slip(full, "that is what full fine-tuning trains (the whole body and the head); LoRA freezes the body and "
+               "trains only A, B and the head")
+    return right, full, slips
+
+
+def check_classifier_trainable_count(count, rank: int = CLASSIFIER_COUNT_EXERCISE["rank"],
+                                     targets: str = CLASSIFIER_COUNT_EXERCISE["targets"],
+                                     task: str | None = None) -> CheckResult:
+    """Exercise: how many parameters the main experiment's LoRA classifier trains (LoRA at
+    ``rank`` on ``targets`` of the course GPT, a new head for ``task`` trained fully). The right
+    count is read off the model that ``experiments.build_model`` returns."""
+    name = "count a LoRA classifier's parameters"
+    got, problem = _whole_number(name, count)
+    if problem is not None:
+        return problem
+    right, full, slips = _classifier_counts(rank, targets, task)
+    if got == right:
+        return CheckResult(name, CORRECT, f"{right:,} trainable parameters (A and B of every adapted matrix plus the "
+                           f"new head), {100 * right / full:.1f} % of the {full:,} that full fine-tuning trains")
+    hints = slips.get(got, [f"per adapted matrix r·(in + out) with r = {rank}; print(model) gives in and out; "
+                            "then add the new head's weight and bias"])
+    return CheckResult(name, INCORRECT, f"you have {got:,}, which is not the count", hints)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,7 +403,7 @@ def check_rank_choice(rank, singular_values=RANK_EXERCISE_SINGULAR_VALUES,
 # Exercise: explain a loss curve from the lab (multiple choice)
 # ------------------------------------------------------------------------------------------------
 LOSS_CURVE_QUESTION = (
-    "In the lab of notebook 06 (q, v targets, learning rate 3e-3) you keep alpha = 16, choose the raw "
+    "In the rank-and-alpha lab of notebook 06 you keep alpha and the learning rate fixed, choose the raw "
     "`alpha` scaling and move the rank from 1 to 16: the loss falls much faster and ends much lower at "
     "rank 16. Under `alpha/rank` the same move hardly changes the curve. Why?")
 LOSS_CURVE_CHOICES = {
@@ -326,6 +438,10 @@ def check_loss_curve_answer(choice) -> CheckResult:
 # ------------------------------------------------------------------------------------------------
 # Exercise: choose target_modules for a parameter budget
 # ------------------------------------------------------------------------------------------------
+#: At rank 8 on the course GPT (3 blocks, width 48) each attention kind costs 3·8·(48 + 48) = 2,304 and
+#: each feed-forward kind 3·8·(48 + 192) = 5,760 over all blocks. A budget of 20,000 sits just under
+#: every linear layer (4·2,304 + 2·5,760 = 20,736), so the best choice drops one attention kind
+#: (18,432), which four sets of kinds reach; the checker finds this by search, not from these numbers.
 BUDGET_EXERCISE = {"rank": 8, "budget": 20_000}
 
 

@@ -151,7 +151,7 @@ def _trains(method: str, name: str, n_layers: int) -> bool:
 
 def head_lora_rank(rank: int, head: nn.Linear) -> int:
     """The rank of the LoRA branch on the classification head: ``rank``, capped at
-    min(in, out) = the number of classes. A·B of a 64 → 6 head cannot have rank above 6;
+    min(in, out) = the number of classes. A·B of a 48 → 6 head cannot have rank above 6;
     appendix E's rank-16 branch on its 2-class head has 14 columns that add parameters but no
     capacity (the course allows it with a warning). alpha is scaled with it to keep alpha/rank."""
     return min(rank, head.in_features, head.out_features)

@@ -19,7 +19,8 @@ def status(result):
 
 # ---- count LoRA's parameters -----------------------------------------------------------------
 def test_count_right_and_placeholder():
-    assert ex.check_lora_parameter_count(lambda i, o, r: r * i + r * o)
+    result = ex.check_lora_parameter_count(lambda i, o, r: r * i + r * o)
+    assert result and "8·(48 + 48) = 768" in result.message and f"{48 * 48:,} for the full" in result.message
     assert status(ex.check_lora_parameter_count(placeholder)) == ex.NOT_DONE
     assert status(ex.check_lora_parameter_count(lambda i, o, r: ...)) == ex.NOT_DONE
 
@@ -47,6 +48,79 @@ def test_count_non_number_asks_for_an_int():
 def test_count_code_that_raises_is_reported():
     result = ex.check_lora_parameter_count(lambda i, o, r: i / 0)
     assert status(result) == ex.INCORRECT and "ZeroDivisionError" in result.message
+
+
+# ---- count a whole LoRA classifier's parameters ----------------------------------------------
+# Hand counts for the course GPT (3 blocks, width 48, vocabulary 330) with a new 6-class head for
+# "aspect" (48·6 weights + 6 biases = 294), LoRA at rank r on W_query and W_value of every block.
+HEAD = 48 * 6 + 6
+
+
+def qv_by_hand(r):
+    return 3 * 2 * r * (48 + 48)
+
+
+def test_classifier_count_right_and_placeholder():
+    assert ex.CLASSIFIER_COUNT_EXERCISE == {"rank": 4, "targets": "q,v"}
+    right = qv_by_hand(4) + HEAD
+    assert right == 2_598
+    result = ex.check_classifier_trainable_count(right)
+    assert result and "2,598" in result.message
+    assert ex.check_classifier_trainable_count(torch.tensor(right))             # a 0-d integer tensor is a count
+    assert status(ex.check_classifier_trainable_count(None)) == ex.NOT_DONE
+    assert status(ex.check_classifier_trainable_count(...)) == ex.NOT_DONE
+
+
+@pytest.mark.parametrize("rank", [1, 2, 8, 16])
+def test_classifier_count_other_ranks(rank):
+    assert ex.check_classifier_trainable_count(qv_by_hand(rank) + HEAD, rank=rank)
+    assert not ex.check_classifier_trainable_count(qv_by_hand(rank), rank=rank)
+
+
+def test_classifier_count_other_targets_and_task():
+    # all linear: per block 4 attention matrices 4·r·(48 + 48) and 2 feed-forward ones 2·r·(48 + 192)
+    all_linear = 3 * (4 * 4 * (48 + 48) + 2 * 4 * (48 + 192))
+    assert all_linear + HEAD == 10_662                                           # notebook 04's count
+    assert ex.check_classifier_trainable_count(all_linear + HEAD, targets="all linear")
+    spam_head = 48 * 2 + 2
+    assert ex.check_classifier_trainable_count(qv_by_hand(4) + spam_head, task="spam")
+    assert not ex.check_classifier_trainable_count(qv_by_hand(4) + HEAD, task="spam")
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (qv_by_hand(4), "forgot the new head"),
+    (3 * 2 * 4 * 48 + HEAD, "only A"),                        # A only: in·r per matrix (equals "only B" here)
+    (3 * 2 * 4 * 48 + HEAD, "only B"),
+    (3 * 1 * 4 * (48 + 48) + HEAD, "only W_query or only W_value"),    # one matrix per block: same number
+    (3 * 2 * 4 * 48 * 48 + HEAD, "r·in·out"),
+    (3 * 2 * 48 * 48 + HEAD, "full weights W"),
+    (3 * 2 * 48 * 48 + qv_by_hand(4) + HEAD, "frozen W"),
+    (1 * 2 * 4 * (48 + 48) + HEAD, "one block"),
+    (qv_by_hand(4) + 48 * 6, "has a bias too"),
+    (qv_by_hand(4) + 48 * 330, "pretraining head"),
+    (qv_by_hand(4) + 48 * 2 + 2, "2-class head"),
+])
+def test_classifier_count_wrong_answers_get_specific_hints(wrong, hint):
+    result = ex.check_classifier_trainable_count(wrong)
+    assert status(result) == ex.INCORRECT and hint in " ".join(result.hints), result
+
+
+def test_classifier_count_full_finetuning_and_non_numbers():
+    from lora_course.gpt import load_pretrained_gpt
+
+    base = load_pretrained_gpt()
+    body = sum(p.numel() for n, p in base.named_parameters() if not n.startswith("out_head."))
+    # embeddings (330 words, 48 positions); per block q, k, v, out_proj (48 × 48, only out_proj with a
+    # bias), feed-forward 48 → 192 → 48 with biases, two LayerNorms (scale, shift); the final LayerNorm
+    assert body == 330 * 48 + 48 * 48 + 3 * (4 * 48 * 48 + 48 + 48 * 192 + 192 + 192 * 48 + 48 + 4 * 48) + 2 * 48
+    result = ex.check_classifier_trainable_count(body + HEAD)
+    assert status(result) == ex.INCORRECT and "full fine-tuning trains" in result.hints[0]
+    assert f"{body + HEAD:,} that full fine-tuning trains" in ex.check_classifier_trainable_count(2_598).message
+    result = ex.check_classifier_trainable_count(2_598.0)
+    assert status(result) == ex.INCORRECT and "whole number" in result.message
+    assert status(ex.check_classifier_trainable_count("2598")) == ex.INCORRECT
+    assert status(ex.check_classifier_trainable_count(True)) == ex.INCORRECT
+    assert "r·(in + out)" in ex.check_classifier_trainable_count(7).hints[0]     # no known slip: the general hint
 
 
 # ---- implement LoRALayer (pre-existing checker, kept) ----------------------------------------
@@ -160,21 +234,36 @@ def test_loss_curve_answers():
 
 
 # ---- target_modules for a parameter budget ---------------------------------------------------
+# Hand counts for the course GPT (3 blocks, width 48, feed-forward 48 → 192 → 48) at rank 8:
+ATTENTION_KIND = 3 * 8 * (48 + 48)      # 2,304: one of W_query, W_key, W_value, out_proj in all 3 blocks
+FF_KIND = 3 * 8 * (48 + 192)            # 5,760: ff.layers.0 or ff.layers.2 in all 3 blocks
+
+
+def test_budget_hand_counts():
+    assert (ATTENTION_KIND, FF_KIND) == (2_304, 5_760) and ex.BUDGET_EXERCISE == {"rank": 8, "budget": 20_000}
+    # Every whole-kind choice by hand: a attention kinds (0..4) and f feed-forward kinds (0..2).
+    totals = {(a, f): a * ATTENTION_KIND + f * FF_KIND for a in range(5) for f in range(3)}
+    assert totals[4, 2] == 20_736 > 20_000                      # every linear layer: just over the budget
+    assert max(t for t in totals.values() if t <= 20_000) == totals[3, 2] == 18_432
+    assert totals[4, 1] == 14_976 and totals[4, 0] == 9_216     # the runners-up are well below
+
+
 def test_budget_right_answers():
-    # rank 8: each 64×64 attention matrix 8·128 = 1,024 per block, each feed-forward one 8·320 = 2,560.
-    # q, v, ff.layers.0 in 4 blocks: 4·(1024 + 1024 + 2560) = 18,432 <= 20,000. By hand, no other
-    # choice of whole kinds does better: 2 feed-forward kinds are 20,480; 1 ff + 3 attention 22,528;
-    # 4 attention 16,384.
-    result = ex.check_target_modules_for_budget(["W_query", "W_value", "ff.layers.0"])
-    assert result and "18,432" in result.message and "12 choices" in result.message   # C(4,2)·2 = 12
-    assert ex.check_target_modules_for_budget(["W_key", "out_proj", "ff.layers.2"])
+    # 3 attention kinds + both feed-forward kinds: 3·2,304 + 2·5,760 = 18,432 <= 20,000, reached by
+    # C(4,3) = 4 choices (which attention kind to drop).
+    result = ex.check_target_modules_for_budget(["W_query", "W_key", "W_value", "ff.layers.0", "ff.layers.2"])
+    assert result and f"{3 * ATTENTION_KIND + 2 * FF_KIND:,}" in result.message and "4 choices" in result.message
+    assert ex.check_target_modules_for_budget(["W_key", "W_value", "out_proj", "ff.layers.0", "ff.layers.2"])
     assert status(ex.check_target_modules_for_budget(None)) == ex.NOT_DONE
 
 
 @pytest.mark.parametrize("targets, text", [
-    (["W_query", "W_key", "W_value", "out_proj", "ff.layers.0", "ff.layers.2"], "over the budget"),
-    (["W_query"], "is reachable"),
-    (["W_query", "W_key", "W_value", "out_proj"], "16,384 parameters: within budget, but 18,432"),
+    (["W_query", "W_key", "W_value", "out_proj", "ff.layers.0", "ff.layers.2"],      # 4·2,304 + 2·5,760
+     "adds 20,736 trainable parameters, over the budget"),
+    (["W_query"], "2,304 parameters: within budget, but 18,432 is reachable"),
+    (["W_query", "W_key", "W_value", "out_proj"], "9,216 parameters: within budget, but 18,432"),
+    (["W_query", "W_key", "W_value", "out_proj", "ff.layers.0"], "14,976 parameters: within budget, but 18,432"),
+    (["W_query", "W_value", "ff.layers.0", "ff.layers.2"], "16,128 parameters"),        # 2·2,304 + 2·5,760
     (["W_querry"], "matched no nn.Linear"),
 ])
 def test_budget_wrong_answers(targets, text):
@@ -183,11 +272,12 @@ def test_budget_wrong_answers(targets, text):
 
 
 def test_budget_rejects_names_that_match_only_some_blocks():
-    # q, v, ff.layers.0 everywhere plus W_key of block 0: 18,432 + 1,024 = 19,456 <= 20,000, but
-    # not a whole kind of layer.
-    result = ex.check_target_modules_for_budget(["W_query", "W_value", "ff.layers.0", "trf_blocks.0.att.W_key"])
+    # The best choice plus out_proj of block 0 only: 18,432 + 8·(48 + 48) = 19,200 <= 20,000 beats the
+    # best whole-kind count, but it is not a whole kind of layer.
+    result = ex.check_target_modules_for_budget(["W_query", "W_key", "W_value", "ff.layers.0", "ff.layers.2",
+                                                 "trf_blocks.0.att.out_proj"])
     assert status(result) == ex.INCORRECT and "block(s) 0 only" in result.message
-    assert "'W_key'" in result.hints[0]
+    assert "'out_proj'" in result.hints[0]
 
 
 def test_budget_best_count_comes_from_the_model():
