@@ -11,12 +11,16 @@ So the notebook makes each figure once with a plain, asserted call, and the unit
 UIs without a browser (setting ``slider.value`` runs the same callbacks a drag does).
 
 Speed. A redraw must feel live (notebook 06 asserts that one that trains takes under 1.5 s of
-CPU time), so the lab trains a *short* proxy run (by default 20 AdamW steps of 16 messages, then
-one validation pass on 128 fixed messages), caches every run by its settings, computes the full fine-tuning reference once per
-lab, and draws the plot into an Image widget that is replaced in place. Runs are cached by
+CPU time), so the lab trains a *short* proxy run (by default 20 AdamW steps of 16 messages of
+the easy spam task, then one validation pass on 128 fixed messages), caches every run by its
+settings, computes the full fine-tuning reference once per lab, and draws the plot into an Image
+widget that is replaced in place. Runs are cached by
 (rank, s, targets, lr) where s is the resulting scaling factor: two conventions that give the
 same s for a rank (all three agree at rank 1) train the identical model, so they share one run
 (``lab.cache`` holds one entry per training), shown under the label of the settings asked for.
+
+Noise. One short run is an anecdote, so ``alpha_rank_grid`` takes several labs that differ only
+by their seed and reports the mean and spread of every cell.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import classification_splits
+from .data import classification_splits, num_classes
 from .errors import ArgumentTypeError, check_int, check_number
 from .lora import SCALINGS, lora_scaling, mark_only_lora_as_trainable, replace_linear_with_lora
 from .training import EncodedSplit, evaluate, make_classifier, train_classifier
@@ -76,7 +80,11 @@ class RankAlphaLab:
 
     Args:
         base: the pretrained model (``load_pretrained_gpt()``); it is never modified.
-        task: ``"spam"`` or ``"sentiment"``.
+        task: ``"spam"`` (2 classes, the default) or ``"aspect"`` (the course's main task, 6
+            classes); the head gets one output per class. The lab defaults to spam because it is
+            *easy*: a bag of words solves it, so 20 steps already show how fast a setting learns
+            (on aspect, 100 steps of 16 barely leave chance). The lab measures how the settings
+            change the speed of learning, not what LoRA can reach: that is notebook 04's question.
         steps: AdamW steps per run (a short proxy of a real fine-tune, chosen for speed).
         batch_size: messages per step.
         n_val: size of the fixed validation subset for the final metric.
@@ -89,13 +97,14 @@ class RankAlphaLab:
             raise ArgumentTypeError(f"base must be the pretrained course GPT (load_pretrained_gpt()), got "
                                     f"{type(base).__name__}")
         if not isinstance(task, str):
-            raise ArgumentTypeError(f"task must be a task name such as 'spam', got {task!r}")
+            raise ArgumentTypeError(f"task must be a task name such as 'aspect', got {task!r}")
         steps = check_int(steps, "steps", minimum=1)
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         n_val = check_int(n_val, "n_val", minimum=1)
         full_lr = _check_lr(full_lr, "full_lr")
         seed = check_int(seed, "seed")
         splits = classification_splits(task)
+        self.num_classes = num_classes(task)
         self.base, self.task, self.steps = base, task, steps
         self.full_lr, self.batch_size, self.seed = full_lr, batch_size, seed
         self.train = EncodedSplit.from_split(splits["train"])          # encoded once, reused by every run
@@ -117,7 +126,7 @@ class RankAlphaLab:
     def untrained_loss(self) -> float:
         """Validation loss before any step: every LoRA run starts here, since B = 0."""
         if self._untrained is None:
-            self._untrained = evaluate(make_classifier(self.base), self.val)[0]
+            self._untrained = evaluate(make_classifier(self.base, self.num_classes), self.val)[0]
         return self._untrained
 
     def clear_cache(self) -> None:
@@ -130,7 +139,7 @@ class RankAlphaLab:
         computed once per learning rate."""
         lr = _check_lr(lr)
         if lr not in self._full_runs:
-            self._full_runs[lr] = self._train(make_classifier(self.base), lr, "full fine-tuning")
+            self._full_runs[lr] = self._train(make_classifier(self.base, self.num_classes), lr, "full fine-tuning")
         return self._full_runs[lr]
 
     def reference(self) -> LabRun:
@@ -148,7 +157,7 @@ class RankAlphaLab:
         rank, lr = int(rank), _check_lr(lr)
         key = (rank, round(s, 12), targets, float(lr))
         if key not in self.cache:
-            model = make_classifier(self.base)  # a fresh copy each time: re-running never double-wraps
+            model = make_classifier(self.base, self.num_classes)  # a fresh copy each time: re-running never double-wraps
             torch.manual_seed(self.seed)  # A's random init: the same for every run of this rank, whatever ran before
             replace_linear_with_lora(model, rank, alpha, scaling=scaling, target_modules=list(TARGETS[targets]))
             mark_only_lora_as_trainable(model, modules_to_save=["out_head"])
@@ -166,6 +175,7 @@ class RankAlphaLab:
         the full fine-tuning reference; the legend gives each one's final validation loss and
         accuracy. Returns the axes."""
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         if not isinstance(run, LabRun):
             raise ArgumentTypeError(f"run must be a LabRun (what lab.run(...) returns), got {type(run).__name__}")
@@ -180,6 +190,7 @@ class RankAlphaLab:
         ax.set(xlabel="training step (same batches for every run)", ylabel="training loss (thick: 5-step mean)",
                ylim=ylim or (0, 1.6), xlim=(1, self.steps),
                title=f"{self.task} classifier: LoRA vs full fine-tuning, {self.steps} steps")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.legend(loc="upper right", fontsize=8)
         return ax
 
@@ -324,15 +335,31 @@ class LabUI:
 class AlphaRankGrid:
     """Final validation losses of short LoRA runs over ranks × alphas, one grid per convention.
 
+    One short run is noisy (20 steps of 16 messages), so a grid is measured with several labs
+    that differ only by their seed (batch order and A's initialisation), and ``final_loss`` is the
+    mean over seeds; ``seed_losses`` keeps every seed, ``spread`` their sample standard deviation.
     ``untrained_loss`` is the loss before any step (B = 0: the base model with its fresh head).
-    ``threshold``, halfway between it and the best loss of all grids, marks "this run learned".
+    ``threshold``, halfway between it and the best mean loss of all grids, marks "this run learned".
     """
 
     ranks: list[int]
     alphas: list[float]
-    final_loss: dict[str, np.ndarray]  # scaling -> (len(ranks), len(alphas)) final validation loss
+    final_loss: dict[str, np.ndarray]  # scaling -> (len(ranks), len(alphas)) mean final validation loss
     untrained_loss: float
-    distinct_runs: int                 # how many (rank, s) pairs, i.e. trainings, the grids needed
+    distinct_runs: int                 # how many (rank, s) pairs, i.e. trainings per seed, the grids needed
+    seed_losses: dict[str, np.ndarray] = field(default_factory=dict)  # scaling -> (seeds, ranks, alphas)
+
+    @property
+    def seeds(self) -> int:
+        return len(next(iter(self.seed_losses.values()))) if self.seed_losses else 1
+
+    def spread(self, scaling: str) -> np.ndarray:
+        """Sample standard deviation over seeds of each cell (zeros for a single seed)."""
+        self._check_scaling(scaling)
+        losses = self.seed_losses.get(scaling)
+        if losses is None or len(losses) < 2:
+            return np.zeros_like(self.final_loss[scaling])
+        return losses.std(axis=0, ddof=1)
 
     @property
     def threshold(self) -> float:
@@ -368,15 +395,27 @@ class AlphaRankGrid:
         return math.log2(max(values) / min(values))
 
 
-def alpha_rank_grid(lab: RankAlphaLab, ranks=(1, 4, 16), alphas=ALPHAS, scalings=SCALINGS,
+def alpha_rank_grid(labs, ranks=(1, 4, 16), alphas=ALPHAS, scalings=SCALINGS,
                     targets: str = DEFAULT_TARGETS, lr: float = 3e-3) -> AlphaRankGrid:
-    """Final validation loss of a short LoRA run for every (scaling, rank, alpha).
+    """Final validation loss of a short LoRA run for every (scaling, rank, alpha), averaged over
+    ``labs``: one ``RankAlphaLab`` or a list of them that differ only by their seed.
 
     With ranks that are powers of 4 and alphas that are powers of 2, every scaling factor s is a
-    power of 2, so many cells of the three grids are the same run (same rank and s) and the
+    power of 2, so many cells of the three grids are the same run (same rank and s) and each
     lab's cache trains each only once. Every setting is checked before the first run."""
-    if not hasattr(lab, "run") or not hasattr(lab, "untrained_loss"):
-        raise ArgumentTypeError(f"lab must be a RankAlphaLab, got {type(lab).__name__}")
+    labs = [labs] if hasattr(labs, "run") else labs
+    if isinstance(labs, (str, bytes)) or not hasattr(labs, "__iter__"):
+        raise ArgumentTypeError(f"labs must be a RankAlphaLab or a list of them, got {type(labs).__name__}")
+    labs = list(labs)
+    if not labs:
+        raise ValueError("labs is empty: pass one RankAlphaLab, or several with different seeds")
+    for lab in labs:
+        if not hasattr(lab, "run") or not hasattr(lab, "untrained_loss"):
+            raise ArgumentTypeError(f"labs must be RankAlphaLab objects, got {type(lab).__name__}")
+    seeds = [getattr(lab, "seed", None) for lab in labs]
+    if len(labs) > 1 and len(set(seeds)) < len(seeds):
+        raise ValueError(f"the labs repeat a seed ({seeds}): the same seed gives the same runs, not a second "
+                         f"measurement. Build them as RankAlphaLab(base, seed=s) with different s")
     for what, values in (("ranks", ranks), ("alphas", alphas), ("scalings", scalings)):
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not list(values):
             raise ValueError(f"{what} must be a non-empty list, got {values!r}")
@@ -387,10 +426,13 @@ def alpha_rank_grid(lab: RankAlphaLab, ranks=(1, 4, 16), alphas=ALPHAS, scalings
                 lora_scaling(r, a, sc)  # each combination valid before anything trains
     _check_targets(targets)
     lr = _check_lr(lr)
-    losses = {sc: np.array([[lab.run(r, a, sc, targets, lr).final_val_loss for a in alphas] for r in ranks])
-              for sc in scalings}
+    # (seeds, ranks, alphas) per convention
+    per_seed = {sc: np.array([[[lab.run(r, a, sc, targets, lr).final_val_loss for a in alphas] for r in ranks]
+                              for lab in labs]) for sc in scalings}
     distinct = {(r, round(lora_scaling(r, a, sc), 12)) for sc in scalings for r in ranks for a in alphas}
-    return AlphaRankGrid(list(ranks), list(alphas), losses, lab.untrained_loss(), len(distinct))
+    untrained = float(np.mean([lab.untrained_loss() for lab in labs]))
+    return AlphaRankGrid(list(ranks), list(alphas), {sc: v.mean(axis=0) for sc, v in per_seed.items()},
+                         untrained, len(distinct), per_seed)
 
 
 def plot_alpha_rank_heatmaps(grid: AlphaRankGrid, scalings=None, axes=None, vmax: float | None = None):
@@ -425,7 +467,8 @@ def plot_alpha_rank_heatmaps(grid: AlphaRankGrid, scalings=None, axes=None, vmax
         ax.set(xlabel="alpha", ylabel="rank", title=f"s = {sc}")
     handles, labels = axes[0].get_legend_handles_labels()
     axes[0].figure.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
-    plt.colorbar(image, ax=list(axes), label="final validation loss (yellow = low)", shrink=0.9)
+    mean_of = f", mean of {grid.seeds} seeds" if grid.seeds > 1 else ""
+    plt.colorbar(image, ax=list(axes), label=f"final validation loss{mean_of}\n(yellow = low)", shrink=0.9)
     return axes
 
 

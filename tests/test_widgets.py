@@ -17,9 +17,15 @@ def lab():
     return widgets.RankAlphaLab(load_pretrained_gpt(), steps=3, batch_size=8, n_val=16)
 
 
-def expected_trainable(rank: int, matrices_per_block: int = 2, blocks: int = 4) -> int:
-    """By hand: r·(64 + 64) per adapted 64×64 matrix, plus the 64×2 head with its 2 biases."""
-    return blocks * matrices_per_block * rank * (64 + 64) + 64 * 2 + 2
+def expected_trainable(rank: int, matrices_per_block: int = 2, blocks: int = 3) -> int:
+    """By hand: r·(48 + 48) per adapted 48×48 matrix of the course GPT (3 blocks, width 48), plus
+    the spam task's 48×2 head with its 2 biases."""
+    return blocks * matrices_per_block * rank * (48 + 48) + 48 * 2 + 2
+
+
+def test_model_shape_behind_the_hand_counts(lab):
+    cfg = lab.base.cfg
+    assert (cfg.n_layers, cfg.emb_dim) == (3, 48) and lab.num_classes == 2
 
 
 def test_run_counts_parameters_and_is_cached(lab):
@@ -52,8 +58,14 @@ def test_runs_do_not_depend_on_what_ran_before(lab):
 
 def test_all_linear_targets_count(lab):
     run = lab.run(1, 1, "alpha/rank", "all Linear (attention + feed-forward)", 1e-3)
-    attention, feed_forward = 4 * 1 * (64 + 64), 2 * 1 * (64 + 256)
-    assert run.trainable_parameters == 4 * (attention + feed_forward) + 130
+    attention, feed_forward = 4 * 1 * (48 + 48), 2 * 1 * (48 + 192)   # 4 attention 48×48; 48→192, 192→48
+    assert run.trainable_parameters == 3 * (attention + feed_forward) + 98 == 2_690
+
+
+def test_aspect_lab_has_a_six_class_head():
+    lab = widgets.RankAlphaLab(load_pretrained_gpt(), task="aspect", steps=1, batch_size=4, n_val=8)
+    run = lab.run(1, 1, "alpha/rank", QV, 1e-3)
+    assert run.trainable_parameters == 3 * 2 * 1 * (48 + 48) + 48 * 6 + 6
 
 
 def test_bad_settings_have_clear_errors(lab):
@@ -92,16 +104,20 @@ def test_ui_scaling_menu_changes_s(lab):
 
 class FakeLab:
     """Stands in for RankAlphaLab with losses chosen by hand: loss = 0.2 when s·r is in [8, 32],
-    0.8 when s·r < 8 (too small a step to learn), 0.5 above (too big)."""
+    0.8 when s·r < 8 (too small a step to learn), 0.5 above (too big); ``offset`` is added to
+    every loss, to stand for another seed."""
+
+    def __init__(self, seed=0, offset=0.0):
+        self.seed, self.offset = seed, offset
 
     def untrained_loss(self):
-        return 0.8
+        return 0.8 + self.offset
 
     def run(self, rank, alpha, scaling, targets, lr):
         from lora_course.lora import lora_scaling
 
         step = lora_scaling(rank, alpha, scaling) * rank
-        loss = 0.8 if step < 8 else (0.2 if step <= 32 else 0.5)
+        loss = (0.8 if step < 8 else (0.2 if step <= 32 else 0.5)) + self.offset
         return widgets.LabRun("fake", 0, [loss], loss, 0.0, 0.0)
 
 
@@ -115,6 +131,23 @@ def test_grid_locates_the_onset_alpha():
     assert grid.octaves_moved("alpha/rank") == 0 and grid.octaves_moved("alpha") == 3
     assert grid.best_alpha("alpha/rank") == [8, 8, 8]
     assert grid.final_loss["alpha"].shape == (3, 8)
+
+
+def test_grid_over_seeds_is_the_mean_and_keeps_the_spread():
+    labs = [FakeLab(0, 0.0), FakeLab(1, 0.1), FakeLab(2, -0.1)]
+    grid = widgets.alpha_rank_grid(labs, ranks=(1, 4), alphas=(1, 2, 4, 8, 16))
+    single = widgets.alpha_rank_grid(FakeLab(), ranks=(1, 4), alphas=(1, 2, 4, 8, 16))
+    assert grid.seeds == 3 and single.seeds == 1
+    for sc in grid.final_loss:
+        np.testing.assert_allclose(grid.final_loss[sc], single.final_loss[sc])   # offsets average to 0
+        np.testing.assert_allclose(grid.spread(sc), 0.1)                         # std of (0, 0.1, -0.1), ddof=1
+        np.testing.assert_allclose(single.spread(sc), 0.0)
+        assert grid.seed_losses[sc].shape == (3, 2, 5)
+    assert grid.untrained_loss == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="repeat a seed"):
+        widgets.alpha_rank_grid([FakeLab(0), FakeLab(0)], ranks=(1,), alphas=(1,))
+    with pytest.raises(ValueError, match="labs is empty"):
+        widgets.alpha_rank_grid([], ranks=(1,), alphas=(1,))
 
 
 def test_grid_counts_distinct_runs_like_fractions():

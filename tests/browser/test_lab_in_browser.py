@@ -154,7 +154,7 @@ def _move_the_rank_slider(page) -> None:
     lab.scroll_into_view_if_needed()
     assert readout.text_content().strip() == "5"                              # set by the timing cell
     count_before, src_before = _trainable(count.text_content()), plot.get_attribute("src")
-    assert count_before == 8 * 5 * (64 + 64) + 130
+    assert count_before == 6 * 5 * (48 + 48) + 98   # 6 adapted 48×48 matrices (q, v × 3 blocks), 48×2+2 head
     lab.screenshot(path=str(ARTIFACTS / "06_lab_rank5.png"))
 
     handle = rank_slider.locator(".noUi-handle")
@@ -166,7 +166,7 @@ def _move_the_rank_slider(page) -> None:
     page.wait_for_function("([el, before]) => el.getAttribute('src') !== before",
                            arg=[plot.element_handle(), src_before], timeout=30_000)
     assert readout.text_content().strip() == "6"
-    assert _trainable(count.text_content()) == 8 * 6 * (64 + 64) + 130
+    assert _trainable(count.text_content()) == 6 * 6 * (48 + 48) + 98
     lab.screenshot(path=str(ARTIFACTS / "06_lab_rank6.png"))
 
 
