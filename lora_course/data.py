@@ -66,7 +66,7 @@ class Tokenizer:
 
 TOKENIZER = Tokenizer(language.vocabulary())
 #: Positions the model has. A review or message has at most 31 tokens; pretraining documents of
-#: one to three sentences use all 48, so that prompts with a response (notebook 12) stay inside
+#: one to three sentences use all 48, so that prompts with a response (notebook 11) stay inside
 #: positions the base model was trained on.
 CONTEXT_LENGTH = 48
 

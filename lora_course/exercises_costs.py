@@ -1,4 +1,4 @@
-"""Checkers for the exercises of notebook 01 (what fine-tuning costs) and 13 (a real GPT-2).
+"""Checkers for the exercises of notebook 01 (what fine-tuning costs) and 12 (a real GPT-2).
 
 Each takes the learner's number, compares it with a value computed here from the course's own
 counting code (``lora_course.architectures``), and returns a ``CheckResult`` (see
@@ -99,7 +99,7 @@ def check_rank_for_last_block(rank) -> CheckResult:
 
 
 def check_equal_budget_rank(separate_rank, fused_rank: int = 6) -> CheckResult:
-    """Exercise (notebook 13): the rank of separate q, k, v adapters that trains as many numbers
+    """Exercise (notebook 12): the rank of separate q, k, v adapters that trains as many numbers
     as one adapter of rank ``fused_rank`` on the fused c_attn (d × 3d)."""
     name = "separate rank with the fused budget"
     got, problem = _number(name, separate_rank)
@@ -116,7 +116,7 @@ def check_equal_budget_rank(separate_rank, fused_rank: int = 6) -> CheckResult:
 
 
 def check_gpt2_medium_counts(fused, separate) -> CheckResult:
-    """Exercise (notebook 13): LoRA r=8 on every linear layer of GPT-2 medium's blocks, with its
+    """Exercise (notebook 12): LoRA r=8 on every linear layer of GPT-2 medium's blocks, with its
     fused c_attn (PEFT's all-linear) and with separate q, k, v (the book's layout)."""
     name = "GPT-2 medium, all-linear, r=8"
     got_fused, problem = _number(name, fused)
@@ -141,7 +141,7 @@ def check_gpt2_medium_counts(fused, separate) -> CheckResult:
 
 
 def check_conv1d_to_linear(fn) -> CheckResult:
-    """Exercise (notebook 13): ``fn(weight, bias)`` turns a Conv1D weight (in × out) and bias into
+    """Exercise (notebook 12): ``fn(weight, bias)`` turns a Conv1D weight (in × out) and bias into
     an ``nn.Linear`` that computes the same; checked against transformers' Conv1D when present,
     else against x @ W + b."""
     import torch
