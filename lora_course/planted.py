@@ -273,6 +273,14 @@ def lora_update_spectra(model: nn.Module, names=None) -> list[UpdateSpectrum]:
     return out
 
 
+def _subscript(number: int) -> str:
+    return str(number).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
+
+
+#: Singular values below this fraction of σ_1 are treated as zero when plotted (float32 rounding).
+NUMERICAL_ZERO = 1e-6
+
+
 def plot_spectra(full: list[UpdateSpectrum], lora: list[UpdateSpectrum], ax=None, title: str | None = None):
     """Normalised singular values (σ_i / σ_1) of full-FT and LoRA updates on a log scale. The
     default title names the kinds of layer in the spectra ("W_query, W_value") and how many."""
@@ -287,17 +295,31 @@ def plot_spectra(full: list[UpdateSpectrum], lora: list[UpdateSpectrum], ax=None
     if title is not None and not isinstance(title, str):
         raise ArgumentTypeError(f"title must be a str or None, got {type(title).__name__}")
     ax = ax or plt.subplots(figsize=(6.5, 3.6))[1]
+    drawn = []  # every normalised value drawn, to set the axis from the data
     for i, s in enumerate(full):
-        ax.semilogy(range(1, len(s.singular_values) + 1), s.singular_values / s.singular_values[0],
-                    color="C0", alpha=0.5, label="full fine-tuning ΔW" if i == 0 else None)
-    for i, s in enumerate(lora):
         sv = s.singular_values / s.singular_values[0]
-        ax.semilogy(range(1, len(sv) + 1), sv.clamp_min(1e-8), color="C1", alpha=0.6,
+        ax.semilogy(range(1, len(sv) + 1), sv, color="C0", alpha=0.5,
+                    label="full fine-tuning ΔW" if i == 0 else None)
+        drawn.append(sv[sv > 0])
+    zero_from = []
+    for i, s in enumerate(lora):
+        # A rank-r update has exactly r non-zero singular values; the rest are float32 rounding
+        # (about 1e-7 of σ_1), not signal, so they are not drawn.
+        sv = s.singular_values / s.singular_values[0]
+        kept = sv[sv > NUMERICAL_ZERO]
+        ax.semilogy(range(1, len(kept) + 1), kept, color="C1", alpha=0.6, marker=".",
                     label="LoRA ΔW = s·(A·B)ᵀ" if i == 0 else None)
+        drawn.append(kept)
+        if len(kept) < len(sv):
+            zero_from.append(len(kept) + 1)
+    if zero_from:
+        ax.text(0.2, 0.1, f"LoRA: σ{_subscript(max(zero_from))} onwards are zero\n(below {NUMERICAL_ZERO:g}·σ₁: float rounding), not drawn",
+                transform=ax.transAxes, ha="left", va="bottom", fontsize=8, color="C1")
+    floor = float(torch.cat(drawn).min()) if drawn else 1e-3
     if title is None:
         kinds = list(dict.fromkeys(s.name.rsplit(".", 1)[-1] for s in [*full, *lora]))
         layers = len({s.name for s in [*full, *lora]})
-        title = f"Spectrum of the weight update ({', '.join(kinds)}; {layers} layers)"
-    ax.set(xlabel="index i of the singular value", ylabel="σ_i / σ_1", ylim=(1e-8, 2), title=title)
+        title = f"Spectrum of the weight update ({', '.join(kinds)}; {layers} matrices)"
+    ax.set(xlabel="index i of the singular value", ylabel="σᵢ / σ₁", ylim=(floor / 2, 2), title=title)
     ax.legend()
     return ax

@@ -188,7 +188,7 @@ class RankAlphaLab:
                     label=f"{r.label}\n{r.trainable_parameters:,} trainable · final val loss "
                           f"{r.final_val_loss:.3f} · acc {r.final_val_accuracy:.2f}")
         ax.set(xlabel="training step (same batches for every run)", ylabel="training loss (thick: 5-step mean)",
-               ylim=ylim or (0, 1.6), xlim=(1, self.steps),
+               ylim=ylim or (0, 1.1 * max(max(ref.train_loss), max(run.train_loss))), xlim=(1, self.steps),
                title=f"{self.task} classifier: LoRA vs full fine-tuning, {self.steps} steps")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.legend(loc="upper right", fontsize=8)
@@ -452,7 +452,9 @@ def plot_alpha_rank_heatmaps(grid: AlphaRankGrid, scalings=None, axes=None, vmax
                                layout="constrained")
         axes = axes[0]
     values = np.concatenate([grid.final_loss[s].ravel() for s in scalings])
-    vmin, vmax = float(values.min()), vmax or float(np.quantile(values, 0.9))
+    # The colour scale ends at the untrained loss: a cell darker than that did worse than no
+    # training at all (a step too large), and the colour bar's arrow says so.
+    vmin, vmax = float(values.min()), vmax or float(grid.untrained_loss)
     for ax, sc in zip(axes, scalings):
         image = ax.imshow(grid.final_loss[sc], cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
         best = np.argmin(grid.final_loss[sc], axis=1)
@@ -468,7 +470,9 @@ def plot_alpha_rank_heatmaps(grid: AlphaRankGrid, scalings=None, axes=None, vmax
     handles, labels = axes[0].get_legend_handles_labels()
     axes[0].figure.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
     mean_of = f", mean of {grid.seeds} seeds" if grid.seeds > 1 else ""
-    plt.colorbar(image, ax=list(axes), label=f"final validation loss{mean_of}\n(yellow = low)", shrink=0.9)
+    extend = "max" if values.max() > vmax else "neither"
+    plt.colorbar(image, ax=list(axes), label=f"final validation loss{mean_of}\n(yellow = low)", shrink=0.9,
+                 extend=extend)
     return axes
 
 

@@ -36,7 +36,7 @@ def test_plot_spectra_title_names_the_layers():
     spectra = [planted.UpdateSpectrum(f"trf_blocks.{i}.att.{k}", torch.tensor([2.0, 1.0]))
                for i in range(2) for k in ("W_key", "out_proj")]
     assert planted.plot_spectra(spectra, spectra[:2]).get_title() == \
-        "Spectrum of the weight update (W_key, out_proj; 4 layers)"
+        "Spectrum of the weight update (W_key, out_proj; 4 matrices)"
     assert planted.plot_spectra(spectra, [], title="mine").get_title() == "mine"
     plt.close("all")
 
