@@ -108,6 +108,78 @@ def check_lora_layer(cls) -> CheckResult:
                        ["check the order of the products: x @ A first, then @ B"])
 
 
+def check_embedding_lora(cls) -> CheckResult:
+    """Exercise: ``cls(base: nn.Embedding, rank, alpha)``, LoRA on an embedding: the frozen table
+    E (num_embeddings × dim) plus s·A·B with A (num_embeddings × rank) and B (rank × dim), one of them
+    zero at the start. ``forward(ids)`` returns E[ids] + s·(A·B)[ids], computed as A[ids] @ B."""
+    name = "LoRA for an embedding"
+    vocab, dim, rank, alpha = 11, 6, 2, 4
+    torch.manual_seed(0)
+    base = torch.nn.Embedding(vocab, dim)
+    original = base.weight.detach().clone()
+    try:
+        layer = cls(base, rank, alpha)
+    except NotImplementedError:
+        return _not_done(name)
+    except Exception as exc:
+        return CheckResult(name, INCORRECT, f"creating cls(nn.Embedding({vocab}, {dim}), rank={rank}, alpha={alpha}) "
+                           f"raised {type(exc).__name__}: {exc}")
+    if base.weight.requires_grad:
+        return CheckResult(name, INCORRECT, "the embedding table still trains",
+                           ["freeze the base: base.weight.requires_grad_(False), as LoRA freezes W"])
+    A, B = getattr(layer, "A", None), getattr(layer, "B", None)
+    if not isinstance(A, torch.nn.Parameter) or not isinstance(B, torch.nn.Parameter):
+        return CheckResult(name, INCORRECT, "the layer needs two torch.nn.Parameter attributes, A and B",
+                           ["self.A = torch.nn.Parameter(...) and self.B = torch.nn.Parameter(...)"])
+    if not A.is_floating_point() or not B.is_floating_point():
+        return CheckResult(name, INCORRECT, f"A and B must hold floating-point numbers, got {A.dtype} and {B.dtype}")
+    if tuple(A.shape) != (vocab, rank) or tuple(B.shape) != (rank, dim):
+        return CheckResult(name, INCORRECT, f"A has shape {tuple(A.shape)} and B {tuple(B.shape)}; the update A·B must "
+                           f"have the table's shape (num_embeddings, dim) = {(vocab, dim)}, so A: {(vocab, rank)} and "
+                           f"B: {(rank, dim)}", ["an embedding is a linear layer on one-hot inputs: in = num_embeddings"])
+    zero_a, zero_b = torch.count_nonzero(A.detach()) == 0, torch.count_nonzero(B.detach()) == 0
+    if zero_a and zero_b:
+        return CheckResult(name, INCORRECT, "A and B are both zero: both gradients are zero and LoRA never learns",
+                           ["start one factor at zero (so that ΔE = 0) and the other at random"])
+    if not (zero_a or zero_b):
+        return CheckResult(name, INCORRECT, "neither A nor B is zero at the start, so the model is not the base model "
+                           "at step 0", ["start one factor at zero: then A·B = 0 and the lookup returns E[ids] exactly"])
+    ids = torch.randint(0, vocab, (3, 5), generator=torch.Generator().manual_seed(2))
+    try:
+        first = layer(ids)
+    except NotImplementedError:
+        return _not_done(name)
+    except Exception as exc:
+        return CheckResult(name, INCORRECT, f"forward(ids) with ids of shape {tuple(ids.shape)} raised "
+                           f"{type(exc).__name__}: {exc}", ["index the rows: A[ids] has shape (batch, seq, rank)"])
+    if first is None or first is Ellipsis:
+        return _not_done(name)
+    if not isinstance(first, torch.Tensor) or tuple(first.shape) != (3, 5, dim):
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
+        return CheckResult(name, INCORRECT, f"forward(ids) returned {shape}, expected a tensor of shape {(3, 5, dim)}")
+    if not torch.allclose(first.detach().double(), original[ids].double(), atol=1e-6):
+        return CheckResult(name, INCORRECT, "at step 0 forward(ids) differs from the base lookup E[ids]",
+                           ["add the base embedding: base(ids) + s · (A[ids] @ B)"])
+    with torch.no_grad():  # give both factors values, then compare with the dense formula
+        A.copy_(torch.randn(vocab, rank, generator=torch.Generator().manual_seed(3)))
+        B.copy_(torch.randn(rank, dim, generator=torch.Generator().manual_seed(4)))
+    out = layer(ids).detach().double()
+    delta = A.detach().double() @ B.detach().double()                      # (vocab, dim), like E
+    for factor, hint in ((alpha / rank, None), (alpha, "you multiplied by alpha; the scaling is alpha / rank"),
+                         (1.0, "you forgot the scaling factor alpha / rank")):
+        if torch.allclose(out, original.double()[ids] + factor * delta[ids], rtol=1e-4, atol=1e-6):
+            if hint:
+                return CheckResult(name, INCORRECT, "the update is added with the wrong factor", [hint])
+            if not torch.equal(base.weight.detach(), original):
+                return CheckResult(name, INCORRECT, "the forward pass is right but the embedding table changed",
+                                   ["never write into base.weight: LoRA adds its update beside the frozen table"])
+            start = "A starts at zero (as PEFT does for embeddings)" if zero_a else "B starts at zero"
+            return CheckResult(name, CORRECT, f"{start}, so the lookup equals E[ids] at step 0, and forward(ids) = "
+                               "E[ids] + (alpha / rank)·A[ids]·B: the rows of A·B, without building it")
+    return CheckResult(name, INCORRECT, "forward(ids) does not equal E[ids] + (alpha / rank)·(A·B)[ids]",
+                       ["onehot(ids) @ A is A[ids]: look up rows of A, then multiply by B"])
+
+
 def _call(name: str, fn, *args):
     """Run the learner's function. Returns (value, None) or (None, CheckResult) for placeholders
     (NotImplementedError, ``...``, ``None``) and for code that raised."""
@@ -400,39 +472,69 @@ def check_rank_choice(rank, singular_values=RANK_EXERCISE_SINGULAR_VALUES,
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise: explain a loss curve from the lab (multiple choice)
+# Exercise: carry alpha to a new rank (the rule measured in notebook 06)
 # ------------------------------------------------------------------------------------------------
-LOSS_CURVE_QUESTION = (
-    "In the rank-and-alpha lab of notebook 06 you keep alpha and the learning rate fixed, choose the raw "
-    "`alpha` scaling and move the rank from 1 to 16: the loss falls much faster and ends much lower at "
-    "rank 16. Under `alpha/rank` the same move hardly changes the curve. Why?")
-LOSS_CURVE_CHOICES = {
-    "a": "A larger rank has more parameters, so it overfits the training set.",
-    "b": "Under Adam the size of x·A·B after a step grows about in proportion to r; raw `alpha` does not "
-         "divide by r, so the effective step size is r times larger.",
-    "c": "A larger rank needs more training steps before it starts to learn anything.",
-    "d": "At a larger rank the initialisation of B is no longer zero, so the model starts away from the base model.",
-}
-_LOSS_CURVE_HINTS = {
-    "a": "overfitting shows up as a gap between training and validation loss late in training; here the change "
-         "appears in the first steps, on the training curve itself",
-    "c": "with B = 0 at the start, every rank starts from the base model; look at how big the first updates are",
-    "d": "B starts at zero at every rank (LoRALayer.reset_parameters); look at the scaling factor s instead",
+#: A run tuned at ``rank`` learns from ``alpha`` on; which alpha starts learning at ``new_rank``?
+#: Notebook 06 measured the rule: under Adam the first update of x·A·B grows like s·r, so the
+#: onset keeps s·r fixed (raw alpha: 16, 4, 1 at ranks 1, 4, 16; alpha/rank: the same alpha).
+#: The ranks here (8 -> 32) and alpha (24) are not on 06's grid: the answer must come from the rule.
+ALPHA_TRANSFER_EXERCISE = {"rank": 8, "alpha": 24, "new_rank": 32}
+
+
+def alpha_for_new_rank(alpha: float, rank: int, new_rank: int, scaling: str) -> float:
+    """The alpha that keeps s·r (the size of LoRA's first updates under Adam) when the rank changes."""
+    from .lora import lora_scaling
+
+    step = lora_scaling(rank, alpha, scaling) * rank
+    return step / (lora_scaling(new_rank, 1.0, scaling) * new_rank)  # s is linear in alpha
+
+
+_ALPHA_TRANSFER_HINTS = {
+    "alpha": "under raw `alpha`, s = α at every rank, so the same α takes steps r times larger at the larger "
+             "rank; to keep s·r, α must shrink by the same factor as r grows",
+    "alpha/rank": "`alpha/rank` divides by r, which cancels the growth: the onset stays at the same α "
+                  "(notebook 06, §2: 16, 16, 16 at ranks 1, 4, 16)",
+    "alpha/sqrt(rank)": "α/√r cancels only √r of the r-fold growth, so α shrinks by √(new rank / rank)",
 }
 
 
-def check_loss_curve_answer(choice) -> CheckResult:
-    """Exercise: pick the letter that explains the loss curve (see ``LOSS_CURVE_QUESTION``)."""
-    name = "explain a loss curve"
-    if choice is None or choice is Ellipsis:
+def check_alpha_for_new_rank(answer, exercise: dict | None = None) -> CheckResult:
+    """Exercise: ``answer`` maps each scaling convention ("alpha", "alpha/rank", "alpha/sqrt(rank)")
+    to the alpha that starts learning at ``new_rank``, given that ``alpha`` did at ``rank``."""
+    from .lora import SCALINGS
+
+    name = "carry alpha to a new rank"
+    exercise = dict(ALPHA_TRANSFER_EXERCISE if exercise is None else exercise)
+    if answer is None or answer is Ellipsis:
         return _not_done(name)
-    letter = str(choice).strip().lower().strip("()")
-    if letter not in LOSS_CURVE_CHOICES:
-        return CheckResult(name, INCORRECT, f"answer with one letter among {', '.join(LOSS_CURVE_CHOICES)}, got {choice!r}")
-    if letter == "b":
-        return CheckResult(name, CORRECT, "s = alpha grows the update with r; s = alpha / r cancels that growth "
-                           "(LoRA paper §4.1), so rank can change without re-tuning alpha or the learning rate")
-    return CheckResult(name, INCORRECT, f"({letter}) does not explain it", [_LOSS_CURVE_HINTS[letter]])
+    if not isinstance(answer, dict):
+        return CheckResult(name, INCORRECT, f"answer with a dict {{convention: alpha}}, got {type(answer).__name__}",
+                           [f"for example {{'alpha': ..., 'alpha/rank': ..., 'alpha/sqrt(rank)': ...}}"])
+    missing = [sc for sc in SCALINGS if sc not in answer]
+    if missing:
+        return CheckResult(name, INCORRECT, f"the dict has no alpha for {', '.join(map(repr, missing))}",
+                           [f"give one alpha for each of {', '.join(map(repr, SCALINGS))}"])
+    wrong, right = [], []
+    for sc in SCALINGS:
+        value = answer[sc]
+        if value is None or value is Ellipsis:
+            return _not_done(name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+            return CheckResult(name, INCORRECT, f"alpha for {sc!r} must be a positive number, got {value!r}")
+        expected = alpha_for_new_rank(exercise["alpha"], exercise["rank"], exercise["new_rank"], sc)
+        if abs(float(value) - expected) <= 0.01 * expected:
+            right.append(f"{sc}: {expected:g}")
+        else:
+            hint = _ALPHA_TRANSFER_HINTS[sc]
+            if float(value) > exercise["alpha"] and sc != "alpha/rank":
+                hint = "the wrong direction: a larger rank already makes the step larger, so α must go down; " + hint
+            wrong.append((sc, value, hint))
+    if wrong:
+        return CheckResult(name, INCORRECT, f"{len(right)} of {len(SCALINGS)} right; not yet "
+                           + ", ".join(f"{sc!r} (you gave {v!r})" for sc, v, _ in wrong),
+                           [hint for _, _, hint in wrong])
+    return CheckResult(name, CORRECT, f"{', '.join(right)}: each keeps s·r, the size of the first updates, "
+                       f"so learning starts at the same point; only alpha/rank needs no change")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -959,7 +959,8 @@ def test_exercise_checkers_accept_numpy_and_report_dtype_problems():
 
     bad = exercises.check_target_modules_for_budget([5], model_factory=factory, rank=4, budget=2_000)
     assert bad.status == exercises.INCORRECT and "module names" in bad.message
-    assert exercises.check_loss_curve_answer(5).status == exercises.INCORRECT
+    assert exercises.check_alpha_for_new_rank(5).status == exercises.INCORRECT
+    assert exercises.check_embedding_lora(5).status == exercises.INCORRECT        # not a class: says what raised
 
 
 def test_modules_to_save_string_means_one_name(tmp_path):

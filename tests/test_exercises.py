@@ -2,6 +2,7 @@
 (with the specific hint each should give)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,14 +224,78 @@ def test_rank_choice_rejects_non_integers():
     assert "whole number" in ex.check_rank_choice(2.5).message
 
 
-# ---- explain a loss curve (multiple choice) --------------------------------------------------
-def test_loss_curve_answers():
-    assert ex.check_loss_curve_answer("b") and ex.check_loss_curve_answer(" (B) ")
-    assert status(ex.check_loss_curve_answer(None)) == ex.NOT_DONE
-    assert "overfitting" in ex.check_loss_curve_answer("a").hints[0]
-    assert "first updates" in ex.check_loss_curve_answer("c").hints[0]
-    assert "reset_parameters" in ex.check_loss_curve_answer("d").hints[0]
-    assert "one letter" in ex.check_loss_curve_answer("z").message
+# ---- carry alpha to a new rank ---------------------------------------------------------------
+def test_alpha_for_new_rank_by_hand():
+    # From rank 8, alpha 24 to rank 32 (4x): keep s·r. Raw alpha: s·r = 24·8 = α·32 -> 6.
+    # alpha/rank: s·r = α -> 24. alpha/sqrt(rank): s·r = α·√r = 24·√8 = α·√32 -> 12.
+    right = {"alpha": 6, "alpha/rank": 24, "alpha/sqrt(rank)": 12}
+    assert ex.check_alpha_for_new_rank(right)
+    assert ex.check_alpha_for_new_rank({k: np.float32(v) for k, v in right.items()})   # numpy numbers are numbers
+    assert ex.check_alpha_for_new_rank({"alpha": 4, "alpha/rank": 16, "alpha/sqrt(rank)": 8},
+                                       {"rank": 4, "alpha": 16, "new_rank": 16})         # notebook 06's grid: 16, 4, 1
+    same = ex.check_alpha_for_new_rank({"alpha": 24, "alpha/rank": 24, "alpha/sqrt(rank)": 12})
+    assert status(same) == ex.INCORRECT and "r times larger" in same.hints[0] and "1 of 3" not in same.message
+    up = ex.check_alpha_for_new_rank({"alpha": 96, "alpha/rank": 24, "alpha/sqrt(rank)": 12})
+    assert "wrong direction" in up.hints[0]
+    moved = ex.check_alpha_for_new_rank({"alpha": 6, "alpha/rank": 6, "alpha/sqrt(rank)": 12})
+    assert "same α" in moved.hints[0]
+    assert status(ex.check_alpha_for_new_rank(None)) == ex.NOT_DONE
+    assert status(ex.check_alpha_for_new_rank({"alpha": None, "alpha/rank": 1, "alpha/sqrt(rank)": 1})) == ex.NOT_DONE
+    assert "no alpha for 'alpha/sqrt(rank)'" in ex.check_alpha_for_new_rank({"alpha": 6, "alpha/rank": 24}).message
+    assert "dict" in ex.check_alpha_for_new_rank(6).message
+    assert "positive number" in ex.check_alpha_for_new_rank({"alpha": -6, "alpha/rank": 24, "alpha/sqrt(rank)": 12}).message
+
+
+# ---- LoRA for an embedding -------------------------------------------------------------------
+class EmbeddingLoRA(torch.nn.Module):
+    """A reference written independently of the checker: the dense update added to the table,
+    looked up with F.embedding (not by indexing A)."""
+
+    def __init__(self, base, rank, alpha, zero="A", factor=None, freeze=True, add_base=True):
+        super().__init__()
+        self.base, self.add_base = base, add_base
+        if freeze:
+            base.weight.requires_grad_(False)
+        a, b = torch.randn(base.num_embeddings, rank), torch.randn(rank, base.embedding_dim)
+        (a if zero == "A" else b).zero_()
+        if zero == "both":
+            a.zero_()
+        self.A, self.B = torch.nn.Parameter(a), torch.nn.Parameter(b)
+        self.scaling = alpha / rank if factor is None else factor
+
+    def forward(self, ids):
+        delta = torch.nn.functional.embedding(ids, self.A @ self.B)
+        return (self.base(ids) if self.add_base else 0) + self.scaling * delta
+
+
+def test_embedding_lora_accepts_either_zero_factor():
+    assert ex.check_embedding_lora(EmbeddingLoRA)
+    assert ex.check_embedding_lora(lambda b, r, a: EmbeddingLoRA(b, r, a, zero="B"))
+
+
+def test_embedding_lora_names_the_mistake():
+    def message(**kw):
+        result = ex.check_embedding_lora(lambda b, r, a: EmbeddingLoRA(b, r, a, **kw))
+        assert status(result) == ex.INCORRECT
+        return result.message + " " + " ".join(result.hints)
+
+    assert "still trains" in message(freeze=False)
+    assert "both zero" in message(zero="both")
+    assert "wrong factor" in message(factor=4.0)            # alpha instead of alpha / rank
+    assert "base lookup" in message(add_base=False)
+
+    class Placeholder(torch.nn.Module):
+        def __init__(self, base, rank, alpha):
+            raise NotImplementedError
+
+    assert status(ex.check_embedding_lora(Placeholder)) == ex.NOT_DONE
+
+    class Transposed(EmbeddingLoRA):
+        def __init__(self, base, rank, alpha):
+            super().__init__(base, rank, alpha)
+            self.A = torch.nn.Parameter(torch.zeros(rank, base.num_embeddings))
+
+    assert "(num_embeddings, dim)" in ex.check_embedding_lora(Transposed).message
 
 
 # ---- target_modules for a parameter budget ---------------------------------------------------
