@@ -2,15 +2,14 @@
 
 Two kinds of items share one server and one browser:
 
-- **Run All** (``test_notebook_runs_in_jupyterlab``): the notebook runs from the menu, on a fresh
-  copy, and what the page shows is checked (below). By default these are the notebooks with
-  widgets, which only a browser can check (the widget manager, slider moves, images inside
-  widgets). ``LORA_COURSE_BROWSER_RUN_ALL=all`` runs every notebook this way (about as long as
-  the whole nbval pass again), or give a comma-separated list of notebook stems.
-- **Stored view** (``test_stored_notebook_renders_in_jupyterlab``): every other notebook is opened
+- **Run All** (``test_notebook_runs_in_jupyterlab``): every notebook runs from the menu, on a
+  fresh copy, and what the page shows is checked (below). ``LORA_COURSE_BROWSER_RUN_ALL=widgets``
+  limits this to the notebooks with widgets (a quick local check, about 2 minutes less), or give a
+  comma-separated list of notebook stems.
+- **Stored view** (``test_stored_notebook_renders_in_jupyterlab``): every notebook is also opened
   as committed, outputs included, as a learner who only reads it sees it: every stored plot must
-  load, no stored output is a traceback, every image of the prose loads. Their cells run under
-  ``pytest --nbval`` in a real kernel anyway, which checks every output against the stored one.
+  load, no stored output is a traceback, every image of the prose loads. (Their cells also run under
+  ``pytest --nbval`` in a real kernel, which checks every output against the stored one.)
 
 For Run All, one JupyterLab server and one browser serve all notebooks (module-scoped fixture), on fresh copies
 with every output and the saved widget state stripped, so everything checked is produced now. Each
@@ -175,25 +174,24 @@ INTERACTIONS = {"06_rank_and_alpha_lab.ipynb": _move_the_rank_slider}
 
 
 def _run_all_selection() -> list[Path]:
-    """The notebooks to Run All in the browser (module docstring)."""
+    """The notebooks to Run All in the browser (module docstring): all of them unless told otherwise."""
     chosen = os.environ.get("LORA_COURSE_BROWSER_RUN_ALL", "").strip()
-    if chosen == "all":
+    if chosen in ("", "all"):
         return NOTEBOOKS
-    if chosen:
-        stems = {s.strip() for s in chosen.split(",")}
-        unknown = stems - {p.stem for p in NOTEBOOKS}
-        if unknown:
-            raise ValueError(f"LORA_COURSE_BROWSER_RUN_ALL names unknown notebooks {sorted(unknown)}; "
-                             f"choose from {[p.stem for p in NOTEBOOKS]} or 'all'")
-        return [p for p in NOTEBOOKS if p.stem in stems]
-    return [p for p in NOTEBOOKS if Stored.of(p).widget_views > 0 or p.name in INTERACTIONS]
+    if chosen == "widgets":
+        return [p for p in NOTEBOOKS if Stored.of(p).widget_views > 0 or p.name in INTERACTIONS]
+    stems = {s.strip() for s in chosen.split(",")}
+    unknown = stems - {p.stem for p in NOTEBOOKS}
+    if unknown:
+        raise ValueError(f"LORA_COURSE_BROWSER_RUN_ALL names unknown notebooks {sorted(unknown)}; "
+                         f"choose from {[p.stem for p in NOTEBOOKS]}, 'widgets' or 'all'")
+    return [p for p in NOTEBOOKS if p.stem in stems]
 
 
 RUN_ALL = _run_all_selection()
-STORED_ONLY = [p for p in NOTEBOOKS if p not in RUN_ALL]
 
 
-@pytest.mark.parametrize("path", STORED_ONLY, ids=[p.stem for p in STORED_ONLY])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_stored_notebook_renders_in_jupyterlab(lab, path):
     stored = Stored.of(path)
     nb = nbformat.read(path, as_version=4)
