@@ -236,11 +236,16 @@ def run_seeds(base: nn.Module, spec: RunSpec, splits: dict, *, seeds: Sequence[i
     return SeedRuns(spec, seeds, histories, accuracies, models)
 
 
+def means_differ_beyond_noise(mean_a: float, std_a: float, mean_b: float, std_b: float) -> bool:
+    """The course's (deliberately cautious) rule for saying "A is better than B" in prose: the
+    means differ by more than the sum of their standard deviations across seeds. Inside that
+    band the difference is called noise."""
+    return abs(mean_a - mean_b) > std_a + std_b
+
+
 def differs_beyond_noise(a: SeedRuns, b: SeedRuns) -> bool:
-    """True when two methods' mean test accuracies differ by more than the sum of their
-    standard deviations across seeds: the course's (deliberately cautious) rule for saying
-    "A is better than B" in prose. Inside that band the difference is called noise."""
-    return abs(a.mean - b.mean) > a.std + b.std
+    """``means_differ_beyond_noise`` on two methods' mean test accuracies."""
+    return means_differ_beyond_noise(a.mean, a.std, b.mean, b.std)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
+from .experiments import means_differ_beyond_noise
 from .variants import magnitude_direction_slope, steps_to_target
 
 VARIANT_SWEEP_PATH = Path(__file__).parent / "sweeps" / "variant_sweep.json"
@@ -32,8 +33,8 @@ def stat(values) -> dict:
 
 
 def beyond_noise(a: dict, b: dict) -> bool:
-    """The course's rule: two means differ when the gap exceeds the summed standard deviations."""
-    return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
+    """The course's noise rule (``experiments.means_differ_beyond_noise``) on two stats."""
+    return means_differ_beyond_noise(a["mean"], a["std"], b["mean"], b["std"])
 
 
 def _rate_key(entry: dict, lr: float) -> str:
